@@ -1,0 +1,111 @@
+// Package testutil is shared by tests that need real network namespaces
+// and the real flatnet binaries. Every namespace it makes is named
+// "fnt<pid>-...", removed by t.Cleanup, and swept on the next run if a
+// crashed test process left it behind.
+package testutil
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/flatnet-io/flatnet/pkg/nsutil"
+)
+
+// NSPrefix starts every namespace name made by tests.
+const NSPrefix = "fnt"
+
+var (
+	nsSeq     atomic.Int64
+	sweepOnce sync.Once
+)
+
+// RequireRoot fails (never skips) a test that cannot run without root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this test needs root: it builds real network namespaces")
+	}
+}
+
+// NewNS creates a named network namespace (loopback up) that is deleted
+// when the test ends.
+func NewNS(t testing.TB, role string) ns.NetNS {
+	t.Helper()
+	RequireRoot(t)
+	sweepOnce.Do(sweepStale)
+	name := fmt.Sprintf("%s%d-%d-%s", NSPrefix, os.Getpid(), nsSeq.Add(1), role)
+	h, err := nsutil.Create(name)
+	if err != nil {
+		t.Fatalf("create netns %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		h.Close()
+		if err := nsutil.Delete(name); err != nil {
+			t.Errorf("delete netns %s: %v", name, err)
+		}
+	})
+	return h
+}
+
+// sweepStale deletes test namespaces whose creating process is gone.
+func sweepStale() {
+	names, _ := nsutil.List(NSPrefix)
+	for _, n := range names {
+		pidStr, _, _ := strings.Cut(strings.TrimPrefix(n, NSPrefix), "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil {
+			continue
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); os.IsNotExist(err) {
+			nsutil.Delete(n)
+		}
+	}
+}
+
+// ModuleRoot is the repository root (the directory of go.mod).
+func ModuleRoot(t testing.TB) string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out)))
+}
+
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildErr  error
+)
+
+// Binaries builds ./cmd/... once per test process and returns the
+// directory holding flatnet, flatnetd and flatnetctl.
+func Binaries(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		root := ModuleRoot(t)
+		buildDir, buildErr = os.MkdirTemp("", "flatnet-test-bin-")
+		if buildErr != nil {
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", buildDir+"/", "./cmd/...")
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/...: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildDir
+}
