@@ -1,13 +1,36 @@
 # flatnet: see README.md
 GO ?= go
 BIN := bin
+LAB ?= demo
+NODES ?= 3
+PODS ?= 2
+BACKEND ?= host-gw
+TOPOLOGY ?= flat
 
-.PHONY: build test lab clean
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: build test lab lab-check lab-status lab-down clean
+
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/ ./cmd/...
 
 test: build
 	hack/test.sh
+
+# The main job: a running multi-node cluster network on this machine, checked.
+lab: build
+	$(BIN)/flatnetctl lab down --name $(LAB) >/dev/null
+	$(BIN)/flatnetctl lab up --name $(LAB) --nodes $(NODES) --pods-per-node $(PODS) --backend $(BACKEND) --topology $(TOPOLOGY)
+	$(BIN)/flatnetctl lab check --name $(LAB)
+
+lab-check:
+	$(BIN)/flatnetctl lab check --name $(LAB)
+
+lab-status:
+	$(BIN)/flatnetctl lab status --name $(LAB)
+
+lab-down:
+	$(BIN)/flatnetctl lab down --name $(LAB)
 
 clean:
 	rm -rf $(BIN)

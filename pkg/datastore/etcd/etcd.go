@@ -128,7 +128,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		Logger:               zap.NewNop(), // we log what matters ourselves
 		// Reconnect quickly after an etcd outage (gRPC's default backs off up to 2 minutes).
 		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+			Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: cfg.DialTimeout,
 		})},
 	})
@@ -145,7 +145,9 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		nSubnets:   uint64(1) << (cfg.SubnetLen - cfg.ClusterCIDR.Bits()),
 		opTimeout:  cfg.DialTimeout,
 		minBackoff: 500 * time.Millisecond,
-		maxBackoff: 10 * time.Second,
+		// After an outage etcd gives every lease its full TTL again; retrying
+		// at least every TTL/4 re-establishes the claim inside that window.
+		maxBackoff: max(500*time.Millisecond, min(10*time.Second, cfg.LeaseTTL/4)),
 		probeEvery: min(cfg.LeaseTTL/3, 5*time.Second),
 	}
 	s.stop, s.stopFunc = context.WithCancel(context.Background())

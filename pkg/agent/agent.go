@@ -1,0 +1,223 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sort"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flatnet-io/flatnet/pkg/backend"
+	_ "github.com/flatnet-io/flatnet/pkg/backend/hostgw" // registers host-gw
+	"github.com/flatnet-io/flatnet/pkg/datastore"
+	"github.com/flatnet-io/flatnet/pkg/nat"
+	"github.com/flatnet-io/flatnet/pkg/reconcile"
+)
+
+// Run is the agent: lease -> node setup -> peer reconcile until ctx ends.
+// Stopping (SIGTERM) or dying (SIGKILL) leaves the data plane and the lease
+// in place; a restarted agent adopts what it finds, so pods keep talking.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	be, err := backend.New(cfg.Backend, backend.Options{VNI: cfg.VXLANVNI, Port: cfg.VXLANPort})
+	if err != nil {
+		return err
+	}
+	self, err := detectUnderlay(cfg.Iface, cfg.NodeName)
+	if err != nil {
+		return err
+	}
+	inst, err := newInstaller(cfg)
+	if err != nil {
+		return err
+	}
+	ds, err := openDatastore(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	masq := nat.New(-1)
+	m := newMetrics(ds.LeaseHeld, func() float64 { p, _ := masq.Masqueraded(); return float64(p) })
+	if cfg.Listen != "" {
+		stuck := 3*max(cfg.ResyncInterval, cfg.InstallInterval) + 30*time.Second
+		if err := m.serve(ctx, cfg.Listen, stuck, log); err != nil {
+			return err
+		}
+	}
+	log.Info("starting", "node", cfg.NodeName, "underlay", self.Underlay.Attrs().Name, "ip", self.UnderlayIP,
+		"backend", be.Name(), "datastore", cfg.Datastore, "clusterCIDR", cfg.ClusterCIDR)
+
+	// 1. Backend devices first: their data goes into the lease.
+	data, mtu, err := be.Prepare(ctx, self)
+	if err != nil {
+		return fmt.Errorf("backend %s: %w", be.Name(), err)
+	}
+	if cfg.MTU != 0 {
+		mtu = cfg.MTU
+	}
+
+	// 2. Lease.
+	m.setReady(false, "waiting for a subnet lease")
+	lease, err := ds.Register(ctx, datastore.NodeInfo{
+		Name: cfg.NodeName, UnderlayIP: self.UnderlayIP, Backend: be.Name(), BackendData: data,
+		PreferredSubnet: loadLease(cfg.StateDir),
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("lease: %w", err)
+	}
+	log.Info("holding lease", "subnet", lease.Subnet, "podMTU", mtu)
+	if err := saveLease(cfg.StateDir, lease.Subnet); err != nil {
+		return err
+	}
+
+	// 3. Node setup.
+	if err := setupNode(cfg, lease, mtu, inst, log); err != nil {
+		return fmt.Errorf("node setup: %w", err)
+	}
+
+	// 4. Peer reconcile, on every lease change, on route deletions, and
+	// periodically to repair drift.
+	snapshots, err := ds.Watch(ctx)
+	if err != nil {
+		return err
+	}
+	routeGone := watchRouteDeletions(ctx, log)
+	rec := &reconcile.Reconciler{Backend: be, Self: self, Log: log}
+	cluster := netip.MustParsePrefix(cfg.ClusterCIDR)
+	leases := []datastore.Lease{lease}
+	sync := func() {
+		start := time.Now()
+		res, err := rec.Sync(lease, leases)
+		nerr := masq.Sync(nat.Rules{ClusterCIDR: cluster, NodeIPs: nodeIPs(self.UnderlayIP, leases)})
+		m.reconcileDur.Observe(time.Since(start).Seconds())
+		for kind, n := range res.Changes {
+			m.changes.WithLabelValues(kind).Add(float64(n))
+		}
+		m.peers.Set(float64(len(leases) - 1))
+		m.peersProgrammed.Set(float64(len(res.Programmed)))
+		m.peersFailed.Set(float64(len(res.Failed)))
+		for peer, perr := range res.Failed {
+			log.Error("cannot reach peer", "peer", peer, "err", perr)
+		}
+		m.setStatus(statusOf(cfg, lease, be.Name(), leases, res))
+		if err != nil || nerr != nil || len(res.Failed) > 0 {
+			m.reconcileErrs.Inc()
+		}
+		if err != nil {
+			log.Error("reconcile", "err", err)
+		}
+		if nerr != nil {
+			log.Error("masquerade rules", "err", nerr)
+		}
+	}
+	// The first sync waits for the full set of leases: syncing with only
+	// our own would prune every peer's route for a moment after a restart.
+	select {
+	case leases = <-snapshots:
+	case <-ctx.Done():
+		return nil
+	}
+	sync()
+	m.setReady(true, "")
+	log.Info("node ready", "subnet", lease.Subnet, "peers", len(leases)-1)
+
+	resync := time.NewTicker(cfg.ResyncInterval)
+	defer resync.Stop()
+	install := time.NewTicker(cfg.InstallInterval)
+	defer install.Stop()
+	for {
+		m.alive()
+		select {
+		case <-ctx.Done():
+			log.Info("stopping; routes, NAT, bridge and lease stay in place")
+			return nil
+		case leases = <-snapshots:
+			sync()
+		case <-routeGone:
+			sync()
+		case <-resync.C:
+			if err := setupNode(cfg, lease, mtu, inst, log); err != nil {
+				log.Error("node setup drift repair", "err", err)
+			}
+			sync()
+		case <-install.C:
+			done, err := inst.Ensure()
+			for _, f := range done {
+				m.installs.WithLabelValues(f).Inc()
+				log.Warn("reinstalled missing or changed CNI file", "file", f)
+			}
+			if err != nil {
+				log.Error("install CNI files", "err", err)
+			}
+		}
+	}
+}
+
+func statusOf(cfg Config, own datastore.Lease, backendName string, leases []datastore.Lease, res *reconcile.Result) Status {
+	st := Status{Node: cfg.NodeName, Subnet: own.Subnet.String(), UnderlayIP: own.UnderlayIP.String(), Backend: backendName}
+	mode := map[string]backend.Mode{}
+	for _, p := range res.Programmed {
+		mode[p.Peer] = p.Mode
+	}
+	for _, l := range leases {
+		if l.Node == own.Node {
+			continue
+		}
+		ps := PeerStatus{Node: l.Node, Subnet: l.Subnet.String(), UnderlayIP: l.UnderlayIP.String()}
+		if md, ok := mode[l.Node]; ok {
+			ps.Mode, ps.Programmed = string(md), true
+		}
+		if err := res.Failed[l.Node]; err != nil {
+			ps.Error = err.Error()
+		}
+		st.Peers = append(st.Peers, ps)
+	}
+	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Node < st.Peers[j].Node })
+	return st
+}
+
+// nodeIPs are never masqueraded: this node's own (even while its lease is
+// not in the store) and every peer's.
+func nodeIPs(self netip.Addr, leases []datastore.Lease) []netip.Addr {
+	out := []netip.Addr{self}
+	for _, l := range leases {
+		if l.UnderlayIP.IsValid() {
+			out = append(out, l.UnderlayIP)
+		}
+	}
+	return out
+}
+
+// watchRouteDeletions signals when someone deletes one of flatnet's routes,
+// so it is put back at once rather than at the next resync.
+func watchRouteDeletions(ctx context.Context, log *slog.Logger) <-chan struct{} {
+	out := make(chan struct{}, 1)
+	updates := make(chan netlink.RouteUpdate, 64)
+	err := netlink.RouteSubscribeWithOptions(updates, ctx.Done(), netlink.RouteSubscribeOptions{
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil {
+				log.Warn("route event subscription", "err", err)
+			}
+		},
+	})
+	if err != nil {
+		log.Warn("no route events; relying on periodic resync", "err", err)
+		return out
+	}
+	go func() {
+		for u := range updates {
+			if u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol {
+				select {
+				case out <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	return out
+}

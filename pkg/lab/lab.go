@@ -1,0 +1,349 @@
+// Package lab runs a whole flatnet cluster network on one machine: a hub
+// (switches, router, etcd host), an "internet" host outside the cluster,
+// N node namespaces each running flatnetd, and pods created by calling the
+// flatnet plugin through libcni inside each node, as a runtime would.
+// Everything is named flab-<name>-* and lives under the lab's state dir.
+package lab
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/flatnet-io/flatnet/pkg/fileutil"
+	"github.com/flatnet-io/flatnet/pkg/nsutil"
+)
+
+// DefaultRoot holds one directory per lab.
+const DefaultRoot = "/run/flatnet-lab"
+
+// ClusterCIDR is the lab's pod network.
+const ClusterCIDR = "10.244.0.0/16"
+
+// Options say what lab to build.
+type Options struct {
+	Name        string
+	Nodes       int
+	PodsPerNode int
+	Backend     string // host-gw, vxlan, auto
+	Topology    string // "flat" (one switch) or "racks" (segments joined by a router)
+	Racks       int
+	Root        string        // state root (DefaultRoot)
+	BinDir      string        // flatnet, flatnetd, flatnetctl
+	LeaseTTL    time.Duration // agents' lease TTL
+	Resync      time.Duration // agents' resync interval
+	Progress    io.Writer     // progress lines; nil: quiet
+}
+
+// State is a running lab, as saved in <root>/<name>/lab.json.
+type State struct {
+	Name        string  `json:"name"`
+	Dir         string  `json:"dir"`
+	BinDir      string  `json:"binDir"`
+	Backend     string  `json:"backend"`
+	Topology    string  `json:"topology"`
+	Racks       int     `json:"racks"`
+	ClusterCIDR string  `json:"clusterCIDR"`
+	LeaseTTL    string  `json:"leaseTTL"`
+	Resync      string  `json:"resync"`
+	Hub         Host    `json:"hub"`
+	Internet    Host    `json:"internet"`
+	Etcd        Process `json:"etcd"`
+	EtcdURL     string  `json:"etcdURL"`
+	Nodes       []*Node `json:"nodes"`
+	Pods        []*Pod  `json:"pods"`
+}
+
+// Host is a namespace with one address that matters.
+type Host struct {
+	NetNS string     `json:"netns"`
+	IP    netip.Addr `json:"ip"`
+}
+
+// Process is something the lab started and must stop.
+type Process struct {
+	PID int    `json:"pid"`
+	Log string `json:"log"`
+}
+
+// Node is one node: a namespace running flatnetd.
+type Node struct {
+	Name       string       `json:"name"`
+	NetNS      string       `json:"netns"`
+	Rack       int          `json:"rack"`
+	UnderlayIP netip.Addr   `json:"underlayIP"`
+	Underlay   netip.Prefix `json:"underlay"`
+	HubPort    string       `json:"hubPort"`
+	Subnet     netip.Prefix `json:"subnet"`
+	Dir        string       `json:"dir"`
+	Agent      Process      `json:"agent"`
+}
+
+// Pod is one pod namespace attached by the flatnet plugin.
+type Pod struct {
+	Name        string     `json:"name"`
+	Node        string     `json:"node"`
+	NetNS       string     `json:"netns"`
+	ContainerID string     `json:"containerID"`
+	IP          netip.Addr `json:"ip"`
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]{1,10}$`)
+
+func (o *Options) defaults() error {
+	if !nameRE.MatchString(o.Name) {
+		return fmt.Errorf("lab name %q: use 1-10 lowercase letters or digits", o.Name)
+	}
+	if o.Root == "" {
+		o.Root = DefaultRoot
+	}
+	if o.Topology == "" {
+		o.Topology = "flat"
+	}
+	switch o.Topology {
+	case "flat":
+		o.Racks = 1
+	case "racks":
+		if o.Racks < 2 {
+			o.Racks = 2
+		}
+	default:
+		return fmt.Errorf("topology %q: want flat or racks", o.Topology)
+	}
+	if o.Nodes < 1 || o.Nodes > 200 || o.Racks > 200 {
+		return fmt.Errorf("--nodes %d: want 1-200", o.Nodes)
+	}
+	if o.PodsPerNode < 0 || o.PodsPerNode > 200 {
+		return fmt.Errorf("--pods-per-node %d: want 0-200", o.PodsPerNode)
+	}
+	if o.Backend == "" {
+		o.Backend = "host-gw"
+	}
+	if o.LeaseTTL == 0 {
+		o.LeaseTTL = time.Minute
+	}
+	if o.Resync == 0 {
+		o.Resync = 5 * time.Second
+	}
+	if o.BinDir == "" {
+		self, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		o.BinDir = filepath.Dir(self)
+	}
+	for _, b := range []string{"flatnet", "flatnetd", "flatnetctl"} {
+		if _, err := os.Stat(filepath.Join(o.BinDir, b)); err != nil {
+			return fmt.Errorf("binary %s not found in %s (run `make build`, or pass --bin-dir)", b, o.BinDir)
+		}
+	}
+	if o.Progress == nil {
+		o.Progress = io.Discard
+	}
+	return nil
+}
+
+// Prefix starts every namespace of the named lab.
+func Prefix(name string) string { return "flab-" + name + "-" }
+
+func statePath(root, name string) string { return filepath.Join(root, name, "lab.json") }
+
+// Load reads a running lab's state.
+func Load(root, name string) (*State, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	b, err := os.ReadFile(statePath(root, name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("no lab named %q (no %s): run `flatnetctl lab up --name %s` first", name, statePath(root, name), name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var s State
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("lab state %s: %w", statePath(root, name), err)
+	}
+	return &s, nil
+}
+
+func (s *State) save() error {
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	return fileutil.WriteAtomic(filepath.Join(s.Dir, "lab.json"), b, 0o644)
+}
+
+// NodeByName finds a node.
+func (s *State) NodeByName(name string) (*Node, error) {
+	for _, n := range s.Nodes {
+		if n.Name == name {
+			return n, nil
+		}
+	}
+	return nil, fmt.Errorf("lab %s has no node %q", s.Name, name)
+}
+
+// PodsOf lists a node's pods.
+func (s *State) PodsOf(node string) []*Pod {
+	var out []*Pod
+	for _, p := range s.Pods {
+		if p.Node == node {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Up builds the lab. On failure it tears down whatever it made.
+func Up(ctx context.Context, o Options) (_ *State, err error) {
+	if err := o.defaults(); err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(o.Root, o.Name)
+	if _, err := os.Stat(filepath.Join(dir, "lab.json")); err == nil {
+		return nil, fmt.Errorf("lab %q is already up (state in %s): `flatnetctl lab down --name %s` first", o.Name, dir, o.Name)
+	}
+	if left, _ := nsutil.List(Prefix(o.Name)); len(left) > 0 {
+		return nil, fmt.Errorf("namespaces of an earlier lab %q are still there (%s ...): `flatnetctl lab down --name %s` first", o.Name, left[0], o.Name)
+	}
+	start := time.Now()
+	say := func(format string, a ...any) {
+		fmt.Fprintf(o.Progress, "[%5.1fs] %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, a...))
+	}
+	s := &State{
+		Name: o.Name, Dir: dir, BinDir: o.BinDir, Backend: o.Backend, Topology: o.Topology, Racks: o.Racks,
+		ClusterCIDR: ClusterCIDR, LeaseTTL: o.LeaseTTL.String(), Resync: o.Resync.String(),
+		Hub:      Host{NetNS: Prefix(o.Name) + "hub", IP: segmentOf(1).router.Addr()},
+		Internet: Host{NetNS: Prefix(o.Name) + "inet", IP: internetIP},
+	}
+	defer func() {
+		if err != nil {
+			s.down()
+		}
+	}()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	hub, err := s.newNS(s.Hub.NetNS)
+	if err != nil {
+		return nil, err
+	}
+	defer hub.Close()
+	inet, err := s.newNS(s.Internet.NetNS)
+	if err != nil {
+		return nil, err
+	}
+	defer inet.Close()
+	if err := buildHub(hub, inet, o.Racks); err != nil {
+		return nil, fmt.Errorf("hub: %w", err)
+	}
+	say("hub %s: %d switch(es) and router; internet host %s at %s", s.Hub.NetNS, o.Racks, s.Internet.NetNS, internetIP)
+
+	s.EtcdURL = fmt.Sprintf("http://%s:2379", s.Hub.IP)
+	if err := s.startEtcd(ctx); err != nil {
+		return nil, err
+	}
+	say("etcd (embedded) serving at %s", s.EtcdURL)
+
+	for i := 1; i <= o.Nodes; i++ {
+		rack := (i-1)%o.Racks + 1
+		addr := nodeIP(rack, i)
+		n := &Node{Name: fmt.Sprintf("n%d", i), NetNS: fmt.Sprintf("%sn%d", Prefix(o.Name), i), Rack: rack,
+			UnderlayIP: addr.Addr(), Underlay: addr, HubPort: fmt.Sprintf("n%d", i), Dir: filepath.Join(dir, fmt.Sprintf("n%d", i))}
+		h, err := s.newNS(n.NetNS)
+		if err != nil {
+			return nil, err
+		}
+		err = buildNode(hub, h, n.HubPort, rack, addr)
+		h.Close()
+		if err != nil {
+			return nil, fmt.Errorf("node %s: %w", n.Name, err)
+		}
+		s.Nodes = append(s.Nodes, n)
+	}
+	if err := s.save(); err != nil {
+		return nil, err
+	}
+	// All agents at once, as a cluster boots.
+	for _, n := range s.Nodes {
+		if err := s.StartAgent(n); err != nil {
+			return nil, err
+		}
+	}
+	say("started flatnetd on %d node(s) (backend %s)", len(s.Nodes), o.Backend)
+	for _, n := range s.Nodes {
+		if err := s.WaitReady(ctx, n, 60*time.Second); err != nil {
+			return nil, err
+		}
+		say("%s: ready, underlay %s, pod subnet %s", n.Name, n.UnderlayIP, n.Subnet)
+	}
+	if err := s.save(); err != nil {
+		return nil, err
+	}
+	for _, n := range s.Nodes {
+		for j := 1; j <= o.PodsPerNode; j++ {
+			p, err := s.AddPod(ctx, n, fmt.Sprintf("%s-p%d", n.Name, j))
+			if err != nil {
+				return nil, err
+			}
+			say("%s: pod %s at %s", n.Name, p.Name, p.IP)
+		}
+	}
+	say("lab %s is up", o.Name)
+	return s, nil
+}
+
+// newNS creates one of the lab's namespaces.
+func (s *State) newNS(name string) (ns.NetNS, error) {
+	return nsutil.Create(name)
+}
+
+// Down removes a lab: processes, namespaces, state. Idempotent, and works
+// from the namespace prefix alone when the state file is gone.
+func Down(root, name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("lab name %q: use 1-10 lowercase letters or digits", name)
+	}
+	if root == "" {
+		root = DefaultRoot
+	}
+	s, err := Load(root, name)
+	if err != nil {
+		s = &State{Name: name, Dir: filepath.Join(root, name)}
+	}
+	return s.down()
+}
+
+func (s *State) down() error {
+	var errs []error
+	for _, n := range s.Nodes {
+		stop(n.Agent.PID, 5*time.Second)
+	}
+	stop(s.Etcd.PID, 10*time.Second)
+	// Pods first, then nodes: deleting a node's namespace removes the host
+	// ends of its pods' veths, and the pod ends go with their namespaces.
+	names, _ := nsutil.List(Prefix(s.Name))
+	for _, n := range names {
+		if err := nsutil.Delete(n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.Dir != "" && strings.HasPrefix(filepath.Base(s.Dir), s.Name) {
+		if err := os.RemoveAll(s.Dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

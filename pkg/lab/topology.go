@@ -1,0 +1,142 @@
+package lab
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/flatnet-io/flatnet/pkg/dataplane"
+	"github.com/flatnet-io/flatnet/pkg/nsutil"
+)
+
+// Addresses of the lab's fixed hosts. Nothing here is routed outside the
+// lab's own namespaces.
+var (
+	internetIP  = netip.MustParseAddr("198.18.0.2")
+	internetGW  = netip.MustParseAddr("198.18.0.1")
+	internetNet = netip.MustParsePrefix("198.18.0.0/24")
+	underlayNet = netip.MustParsePrefix("10.99.0.0/16")
+)
+
+// segment is one L2 segment (a rack): a bridge in the hub namespace, whose
+// address is the segment's router.
+type segment struct {
+	bridge string
+	router netip.Prefix // e.g. 10.99.1.1/24
+}
+
+func segmentOf(rack int) segment {
+	return segment{
+		bridge: fmt.Sprintf("sw%d", rack),
+		router: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, byte(rack), 1}), 24),
+	}
+}
+
+// nodeIP is node i's underlay address in its rack.
+func nodeIP(rack, i int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, byte(rack), byte(10 + i)}), 24)
+}
+
+// buildHub creates the hub: the switch(es) of the racks, the router
+// between them, and the uplink to the internet host. The hub knows node
+// addresses only, never pod subnets: pod traffic must be routed by the
+// nodes themselves or encapsulated.
+func buildHub(hub, inet ns.NetNS, racks int) error {
+	if err := nsutil.SetSysctl(hub, "net/ipv4/ip_forward", "1"); err != nil {
+		return err
+	}
+	err := hub.Do(func(ns.NetNS) error {
+		for r := 1; r <= racks; r++ {
+			seg := segmentOf(r)
+			// A fixed MAC: a bridge otherwise takes its lowest port's MAC,
+			// which changes when a node leaves, and every node would keep
+			// sending to the router's old MAC until its ARP entry expires.
+			br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: seg.bridge, Flags: net.FlagUp, TxQLen: -1,
+				HardwareAddr: dataplane.MACFromIP(seg.router.Addr())}}
+			if err := netlink.LinkAdd(br); err != nil {
+				return fmt.Errorf("switch %s: %w", seg.bridge, err)
+			}
+			if err := netlink.AddrAdd(br, &netlink.Addr{IPNet: dataplane.PrefixToIPNet(seg.router)}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return connect(hub, "inet", netip.PrefixFrom(internetGW, 24), "", inet, "eth0", netip.PrefixFrom(internetIP, 24),
+		[]route{{dst: underlayNet, gw: internetGW}})
+}
+
+type route struct {
+	dst netip.Prefix
+	gw  netip.Addr
+}
+
+// connect makes a veth between two namespaces, addresses both ends (an
+// invalid prefix leaves an end without address), optionally attaches the
+// first end to a bridge, and adds routes on the second end.
+func connect(a ns.NetNS, aName string, aAddr netip.Prefix, aBridge string, b ns.NetNS, bName string, bAddr netip.Prefix, bRoutes []route) error {
+	err := a.Do(func(ns.NetNS) error {
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: aName, Flags: net.FlagUp, TxQLen: -1},
+			PeerName:      bName,
+			PeerNamespace: netlink.NsFd(int(b.Fd())),
+			PeerTxQLen:    -1,
+		}
+		if aBridge != "" {
+			br, err := netlinksafe.LinkByName(aBridge)
+			if err != nil {
+				return err
+			}
+			veth.MasterIndex = br.Attrs().Index
+		}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return fmt.Errorf("veth %s/%s: %w", aName, bName, err)
+		}
+		if aAddr.IsValid() {
+			l, err := netlinksafe.LinkByName(aName)
+			if err != nil {
+				return err
+			}
+			return netlink.AddrAdd(l, &netlink.Addr{IPNet: dataplane.PrefixToIPNet(aAddr)})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return b.Do(func(ns.NetNS) error {
+		l, err := netlinksafe.LinkByName(bName)
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: dataplane.PrefixToIPNet(bAddr)}); err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return err
+		}
+		for _, r := range bRoutes {
+			rt := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: dataplane.PrefixToIPNet(r.dst), Gw: r.gw.AsSlice()}
+			if err := netlink.RouteAdd(rt); err != nil {
+				return fmt.Errorf("route %s via %s: %w", r.dst, r.gw, err)
+			}
+		}
+		return nil
+	})
+}
+
+// buildNode plugs a node into its rack's switch. Its default route goes to
+// the hub, so traffic to the internet host leaves through the node's uplink
+// (where flatnet masquerades it).
+func buildNode(hub, node ns.NetNS, hubPort string, rack int, addr netip.Prefix) error {
+	seg := segmentOf(rack)
+	return connect(hub, hubPort, netip.Prefix{}, seg.bridge, node, "eth0", addr,
+		[]route{{dst: netip.MustParsePrefix("0.0.0.0/0"), gw: seg.router.Addr()}})
+}
