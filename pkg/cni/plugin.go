@@ -73,6 +73,10 @@ func Add(args *skel.CmdArgs) (err error) {
 			store.Release(key)
 		}
 	}()
+	// Durable before anyone learns the address.
+	if err := store.Commit(); err != nil {
+		return fmt.Errorf("ipam: %w", err)
+	}
 	if err := injectFailure(args, "ipam"); err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -50,23 +51,34 @@ type Attached struct {
 // bridge with hairpin on, and configures the pod end: IPv6 DAD off, address,
 // up, default route via the gateway. On error it removes what it made.
 func AddPodLink(p PodLink) (_ *Attached, err error) {
-	// A leftover from an earlier, interrupted attempt has our name: it is ours.
-	if err := DelHostVeth(p.HostName); err != nil {
-		return nil, err
-	}
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
-			Name:   p.HostName,
-			MTU:    p.MTU,
-			Flags:  net.FlagUp,
-			TxQLen: -1,
+			Name:         p.HostName,
+			MTU:          p.MTU,
+			Flags:        net.FlagUp,
+			TxQLen:       -1,
+			HardwareAddr: randomMAC(), // chosen here so no lookup is needed to report it
+			MasterIndex:  p.Bridge.Attrs().Index,
 		},
 		PeerName:         p.IfName,
 		PeerHardwareAddr: MACFromIP(p.Addr.Addr()),
 		PeerNamespace:    netlink.NsFd(int(p.NetNS.Fd())),
 		PeerTxQLen:       -1,
 	}
-	if err := netlink.LinkAdd(veth); err != nil {
+	err = netlink.LinkAdd(veth)
+	if errors.Is(err, unix.EEXIST) {
+		// A leftover of an earlier, interrupted attempt has our name (it is
+		// ours: the name derives from container ID and ifname), or the pod
+		// already has an interface of that name.
+		if derr := DelHostVeth(p.HostName); derr != nil {
+			return nil, derr
+		}
+		err = netlink.LinkAdd(veth)
+	}
+	if err != nil {
+		if veth.Attrs().Index != 0 {
+			DelHostVeth(p.HostName) // created, but not attached to the bridge
+		}
 		return nil, fmt.Errorf("create veth %s/%s: %w", p.HostName, p.IfName, err)
 	}
 	defer func() {
@@ -74,17 +86,10 @@ func AddPodLink(p PodLink) (_ *Attached, err error) {
 			DelHostVeth(p.HostName)
 		}
 	}()
-	host, err := netlinksafe.LinkByName(p.HostName)
-	if err != nil {
-		return nil, err
-	}
-	if err := netlink.LinkSetMaster(host, p.Bridge); err != nil {
-		return nil, fmt.Errorf("attach %s to %s: %w", p.HostName, p.Bridge.Attrs().Name, err)
-	}
-	if err := netlink.LinkSetHairpin(host, true); err != nil {
+	if err := netlink.LinkSetHairpin(veth, true); err != nil {
 		return nil, fmt.Errorf("hairpin on %s: %w", p.HostName, err)
 	}
-	out := &Attached{HostMAC: host.Attrs().HardwareAddr, PodMAC: veth.PeerHardwareAddr}
+	out := &Attached{HostMAC: veth.HardwareAddr, PodMAC: veth.PeerHardwareAddr}
 	err = p.NetNS.Do(func(ns.NetNS) error {
 		// Before the link goes up, so the link-local address never waits for DAD.
 		if err := disableDAD(p.IfName); err != nil {
@@ -144,4 +149,12 @@ func DelHostVeth(name string) error {
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	return nil
+}
+
+// randomMAC is a random locally administered unicast MAC.
+func randomMAC() net.HardwareAddr {
+	m := make(net.HardwareAddr, 6)
+	rand.Read(m)
+	m[0] = m[0]&0xfe | 0x02
+	return m
 }

@@ -127,20 +127,22 @@ func (s *Store) Lookup(k Key) (netip.Addr, bool, error) {
 
 // Allocate gives k an address from subnet, skipping the network, gateway and
 // broadcast addresses. If k already holds an address in subnet (a retried
-// ADD) that address is returned.
+// ADD) that address is returned. The reservation is visible to every other
+// caller at once; it is durable after Commit, which the caller must see
+// succeed before it reports the address to anyone.
 func (s *Store) Allocate(k Key, subnet netip.Prefix, gateway netip.Addr) (netip.Addr, error) {
 	unlock, err := s.lock()
 	if err != nil {
 		return netip.Addr{}, err
 	}
-	ip, err := s.allocate(k, subnet, gateway)
-	unlock()
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	// Durability outside the lock: the caller reports success only after this.
-	return ip, fileutil.SyncDir(s.dir)
+	defer unlock()
+	return s.allocate(k, subnet, gateway)
 }
+
+// Commit makes the store's changes durable (fsync of the directory). It is
+// separate from Allocate so that callers can overlap it with other work,
+// and it runs outside the lock so it never serialises other allocations.
+func (s *Store) Commit() error { return fileutil.SyncDir(s.dir) }
 
 func (s *Store) allocate(k Key, subnet netip.Prefix, gateway netip.Addr) (netip.Addr, error) {
 	if ip, ok, err := s.lookup(k); err != nil {

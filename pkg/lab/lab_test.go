@@ -384,3 +384,71 @@ func errorsAs(err error, target **exec.ExitError) bool {
 	}
 	return ok
 }
+
+func TestAgentReinstallsWipedCNIFiles(t *testing.T) {
+	s := newLab(t, lab.Options{Nodes: 1, PodsPerNode: 0})
+	n := s.Nodes[0]
+	bin, conf := n.Dir+"/bin/flatnet", n.Dir+"/net.d/10-flatnet.conflist"
+	want, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A package upgrade wipes the CNI bin dir and the conflist.
+	if err := os.RemoveAll(n.Dir + "/bin"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(conf); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		got, cerr := os.ReadFile(conf)
+		st, berr := os.Stat(bin)
+		if cerr == nil && berr == nil && string(got) == string(want) && st.Mode().Perm()&0o111 != 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("CNI files not reinstalled: conflist %v, binary %v", cerr, berr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// And the reinstalled plugin works: a pod can be attached.
+	if _, err := s.AddPod(context.Background(), n, "n1-late"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestAgentRetriesUnreachableEtcd(t *testing.T) {
+	s := newLab(t, lab.Options{Nodes: 1, PodsPerNode: 0})
+	n := s.Nodes[0]
+	if err := s.StopAgent(n, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	s.StopEtcd()
+	if err := s.StartAgent(n); err != nil {
+		t.Fatal(err)
+	}
+	// The agent keeps running and says why it is waiting, more than once.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		b, _ := os.ReadFile(n.Agent.Log)
+		if strings.Count(string(b), "etcd") > 0 && strings.Count(string(b), "retry") >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no repeated retry messages in the agent log:\n%s", b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	st, err := s.AgentStatus(context.Background(), n)
+	if err != nil || st.Ready {
+		t.Fatalf("agent should be up but not ready while etcd is down: %+v %v", st, err)
+	}
+	// When etcd returns, the agent gets its lease and becomes ready.
+	if err := s.StartEtcd(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WaitReady(context.Background(), n, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
