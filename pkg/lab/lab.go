@@ -42,6 +42,7 @@ type Options struct {
 	BinDir      string        // flatnet, flatnetd, flatnetctl
 	LeaseTTL    time.Duration // agents' lease TTL
 	Resync      time.Duration // agents' resync interval
+	CNIVersion  string        // cniVersion of the agents' conflist; "": flatnetd's default
 	Progress    io.Writer     // progress lines; nil: quiet
 }
 
@@ -56,6 +57,7 @@ type State struct {
 	ClusterCIDR string  `json:"clusterCIDR"`
 	LeaseTTL    string  `json:"leaseTTL"`
 	Resync      string  `json:"resync"`
+	CNIVersion  string  `json:"cniVersion,omitempty"`
 	Hub         Host    `json:"hub"`
 	Internet    Host    `json:"internet"`
 	Etcd        Process `json:"etcd"`
@@ -224,7 +226,7 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	}
 	s := &State{
 		Name: o.Name, Dir: dir, BinDir: o.BinDir, Backend: o.Backend, Topology: o.Topology, Racks: o.Racks,
-		ClusterCIDR: ClusterCIDR, LeaseTTL: o.LeaseTTL.String(), Resync: o.Resync.String(),
+		ClusterCIDR: ClusterCIDR, LeaseTTL: o.LeaseTTL.String(), Resync: o.Resync.String(), CNIVersion: o.CNIVersion,
 		Hub:      Host{NetNS: Prefix(o.Name) + "hub", IP: segmentOf(1).router.Addr()},
 		Internet: Host{NetNS: Prefix(o.Name) + "inet", IP: internetIP},
 	}

@@ -135,7 +135,7 @@ func (s *State) StartEtcd(ctx context.Context) error {
 // AgentArgs are flatnetd's flags for node n: every path under the node's
 // own directory, since all nodes share this machine's filesystem.
 func (s *State) AgentArgs(n *Node) []string {
-	return []string{
+	args := []string{
 		filepath.Join(s.BinDir, "flatnetd"),
 		"--node-name", n.Name, "--iface", "eth0", "--backend", s.Backend,
 		"--cluster-cidr", s.ClusterCIDR, "--etcd-endpoints", s.EtcdURL,
@@ -145,6 +145,10 @@ func (s *State) AgentArgs(n *Node) []string {
 		"--cni-bin-source", filepath.Join(s.BinDir, "flatnet"),
 		"--listen", fmt.Sprintf(":%d", AgentPort), "--log-format", "json",
 	}
+	if s.CNIVersion != "" {
+		args = append(args, "--cni-version", s.CNIVersion)
+	}
+	return args
 }
 
 // StartAgent starts flatnetd in node n.
