@@ -9,7 +9,7 @@ TOPOLOGY ?= flat
 
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: build test lab lab-check lab-status lab-down clean
+.PHONY: build test lab lab-check lab-status lab-down clean cri-tools e2e-cri bench-cri
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/ ./cmd/...
@@ -31,6 +31,19 @@ lab-status:
 
 lab-down:
 	$(BIN)/flatnetctl lab down --name $(LAB)
+
+# What the containerd CRI test needs: apt containerd runc busybox-static
+# containernetworking-plugins, and crictl built once into ~/.cache/flatnet.
+cri-tools:
+	hack/cri/tools.sh >/dev/null
+
+# A real container runtime calls flatnet: containerd on two lab nodes (root).
+e2e-cri: cri-tools
+	$(GO) test -race -count=1 -v -run . ./test/e2e/cri/
+
+# CRI runp latency, flatnet next to the reference bridge + host-local.
+bench-cri: build cri-tools
+	$(GO) run ./bench/crilatency -bin $(BIN) -pods 20
 
 clean:
 	rm -rf $(BIN)

@@ -2,7 +2,6 @@ package lab_test
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -20,61 +19,16 @@ import (
 	"github.com/flatnet-io/flatnet/pkg/backend"
 	"github.com/flatnet-io/flatnet/pkg/dataplane"
 	"github.com/flatnet-io/flatnet/pkg/lab"
+	"github.com/flatnet-io/flatnet/pkg/lab/labtest"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
 	"github.com/flatnet-io/flatnet/pkg/testutil"
 )
 
-var labSeq atomic.Int32
-
 // newLab brings a lab up for one test and always takes it down.
 func newLab(t *testing.T, o lab.Options) *lab.State {
 	t.Helper()
-	testutil.RequireRoot(t)
-	o.Name = fmt.Sprintf("t%d%c", os.Getpid()%100000, 'a'+labSeq.Add(1))
-	o.Root = t.TempDir()
-	o.BinDir = testutil.Binaries(t)
-	if testing.Verbose() {
-		o.Progress = os.Stdout
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	t.Cleanup(func() {
-		if t.Failed() {
-			dumpLogs(t, o.Root, o.Name)
-		}
-		if err := lab.Down(o.Root, o.Name); err != nil {
-			t.Errorf("lab down: %v", err)
-		}
-		if left, _ := nsutil.List(lab.Prefix(o.Name)); len(left) > 0 {
-			t.Errorf("lab down left namespaces: %v", left)
-		}
-	})
-	s, err := lab.Up(ctx, o)
-	if err != nil {
-		t.Fatalf("lab up: %v", err)
-	}
-	return s
-}
-
-// dumpLogs shows the agents' and etcd's last log lines of a failed test.
-func dumpLogs(t *testing.T, root, name string) {
-	s, err := lab.Load(root, name)
-	if err != nil {
-		return
-	}
-	logs := []string{s.Etcd.Log}
-	for _, n := range s.Nodes {
-		logs = append(logs, n.Agent.Log)
-	}
-	for _, l := range logs {
-		b, _ := os.ReadFile(l)
-		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-		if len(lines) > 25 {
-			lines = lines[len(lines)-25:]
-		}
-		t.Logf("---- %s\n%s", l, strings.Join(lines, "\n"))
-	}
+	return labtest.Up(t, o)
 }
 
 func mustCheck(t *testing.T, s *lab.State) *lab.Report {
