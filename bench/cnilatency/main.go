@@ -94,9 +94,9 @@ func refPlugin(masq bool) map[string]any {
 }
 
 type samples struct {
-	addSerial, delSerial []time.Duration
+	addSerial, delSerial   []time.Duration
 	addParWall, delParWall []time.Duration
-	addPar, delPar []time.Duration
+	addPar, delPar         []time.Duration
 }
 
 func runOnce(t target, n, p int, s *samples) error {
