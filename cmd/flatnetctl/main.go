@@ -74,6 +74,9 @@ func up(ctx context.Context, args []string) error {
 	fs.StringVar(&o.BinDir, "bin-dir", "", "directory with flatnet, flatnetd, flatnetctl (default: next to this binary)")
 	fs.DurationVar(&o.LeaseTTL, "lease-ttl", time.Minute, "agents' lease TTL")
 	fs.DurationVar(&o.Resync, "resync", 5*time.Second, "agents' resync interval")
+	fs.StringVar(&o.Datastore, "datastore", "etcd", "agents' datastore: etcd, or kubernetes (kube-apiserver + kube-controller-manager in the hub)")
+	fs.BoolVar(&o.LeastPrivilege, "least-privilege", false, "run the agents as the DaemonSet does: CAP_NET_ADMIN only (as user nobody)")
+	fs.StringVar(&o.KubeBinDir, "kube-bin-dir", os.Getenv("FLATNET_K8S_BIN"), "with --datastore kubernetes: directory of kube-apiserver and kube-controller-manager (`hack/k8s/build.sh control-plane` prints it; default $FLATNET_K8S_BIN)")
 	fs.Parse(args)
 	o.Name, o.Root = *name, *root
 	s, err := lab.Up(ctx, o)

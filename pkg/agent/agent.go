@@ -58,7 +58,12 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		mtu = cfg.MTU
 	}
 
-	// 2. Lease.
+	// 2. Lease. The CNI files do not depend on it, so they go in first:
+	// the runtime can then ask the plugin's STATUS, which answers "no
+	// subnet yet" (code 50) until the node state file is written.
+	if _, err := inst.Ensure(); err != nil {
+		return fmt.Errorf("install CNI files: %w", err)
+	}
 	m.setReady(false, "waiting for a subnet lease")
 	lease, err := ds.Register(ctx, datastore.NodeInfo{
 		Name: cfg.NodeName, UnderlayIP: self.UnderlayIP, Backend: be.Name(), BackendData: data,
@@ -118,13 +123,22 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// The first sync waits for the full set of leases: syncing with only
 	// our own would prune every peer's route for a moment after a restart.
 	select {
-	case leases = <-snapshots:
+	case first, ok := <-snapshots:
+		if !ok {
+			return nil // ctx ended
+		}
+		leases = first
 	case <-ctx.Done():
 		return nil
 	}
 	sync()
 	m.setReady(true, "")
 	log.Info("node ready", "subnet", lease.Subnet, "peers", len(leases)-1)
+	if r, ok := ds.(readyReporter); ok {
+		if err := r.MarkReady(ctx); err != nil {
+			log.Warn("cannot report the node ready yet; the datastore keeps trying", "err", err)
+		}
+	}
 
 	resync := time.NewTicker(cfg.ResyncInterval)
 	defer resync.Stop()
@@ -136,7 +150,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		case <-ctx.Done():
 			log.Info("stopping; routes, NAT, bridge and lease stay in place")
 			return nil
-		case leases = <-snapshots:
+		case next, ok := <-snapshots:
+			if !ok {
+				// The store closes it when ctx ends. Syncing its zero
+				// value would prune every peer's route on the way out.
+				snapshots = nil
+				continue
+			}
+			leases = next
 			sync()
 		case <-routeGone:
 			sync()

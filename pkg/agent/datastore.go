@@ -7,9 +7,20 @@ import (
 	"net/netip"
 	"strings"
 
+	"k8s.io/klog/v2"
+
 	"github.com/flatnet-io/flatnet/pkg/datastore"
 	etcdstore "github.com/flatnet-io/flatnet/pkg/datastore/etcd"
+	kubestore "github.com/flatnet-io/flatnet/pkg/datastore/kube"
 )
+
+// readyReporter is implemented by stores that tell the rest of the
+// cluster when this node's data plane is up (the Kubernetes store sets the
+// Node's NetworkUnavailable=False condition). The agent calls MarkReady
+// after its first successful sync; the store keeps it published.
+type readyReporter interface {
+	MarkReady(ctx context.Context) error
+}
 
 // openDatastore connects to the configured store.
 func openDatastore(ctx context.Context, cfg Config, log *slog.Logger) (datastore.Datastore, error) {
@@ -21,6 +32,13 @@ func openDatastore(ctx context.Context, cfg Config, log *slog.Logger) (datastore
 			ClusterCIDR: netip.MustParsePrefix(cfg.ClusterCIDR),
 			SubnetLen:   cfg.SubnetLen,
 			LeaseTTL:    cfg.LeaseTTL,
+			Logger:      log,
+		})
+	case "kubernetes":
+		klog.SetSlogLogger(log) // client-go's own messages in the agent's log format
+		return kubestore.New(kubestore.Config{
+			Kubeconfig:  cfg.Kubeconfig,
+			ClusterCIDR: netip.MustParsePrefix(cfg.ClusterCIDR),
 			Logger:      log,
 		})
 	default:

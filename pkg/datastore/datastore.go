@@ -7,7 +7,9 @@ package datastore
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"slices"
 )
 
 // Lease is one node's claim on a pod subnet, plus what peers need to reach
@@ -40,6 +42,17 @@ type NodeInfo struct {
 	PreferredSubnet netip.Prefix
 }
 
+// Validate rejects a NodeInfo no store can publish.
+func (n NodeInfo) Validate() error {
+	if n.Name == "" {
+		return errors.New("node name is empty")
+	}
+	if ip := n.UnderlayIP; !ip.IsValid() || ip.IsUnspecified() || ip.IsMulticast() || ip.Zone() != "" {
+		return fmt.Errorf("node %q: invalid underlay IP %q", n.Name, n.UnderlayIP)
+	}
+	return nil
+}
+
 // Datastore is the whole contract between the agent and its store.
 type Datastore interface {
 	// Register claims a subnet for the node (its previous one if it is
@@ -59,3 +72,24 @@ type Datastore interface {
 
 // ErrExhausted means the cluster CIDR has no free node subnet left.
 var ErrExhausted = errors.New("cluster CIDR has no free node subnet")
+
+// SortLeases orders leases by subnet, so equal sets compare equal.
+func SortLeases(ls []Lease) {
+	slices.SortFunc(ls, func(a, b Lease) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+}
+
+// SendLatest puts v into ch (capacity 1, one sender), replacing an unread
+// value: how a store hands Watch snapshots to a reader that may lag.
+func SendLatest[T any](ch chan T, v T) {
+	for {
+		select {
+		case ch <- v:
+			return
+		default:
+		}
+		select {
+		case <-ch:
+		default:
+		}
+	}
+}

@@ -4,17 +4,20 @@
 //
 // Layout of a network's directory (<dataDir>/ipam/<network>/):
 //
-//	lock                      flock(2) taken around every change
-//	last                      hint: last address handed out (round robin)
-//	a:10.244.1.5 -> cid:eth0  address record: who holds this IP
-//	k:cid:eth0   -> 10.244.1.5 key record: which IP this attachment holds
+//	lock                        flock(2) taken around every change
+//	last                        hint: last address handed out (round robin)
+//	k:cid:eth0   -> "10.244.1.5 cid:eth0"   key record
+//	a:10.244.1.5 -> (hard link to the same symlink)  address record
 //
-// Records are symlinks: symlink(2) creates name and content in one atomic
-// step and fails with EEXIST if the name is taken, so an address can never be
-// handed out twice and a crash never leaves half a record. The key record is
-// what makes release O(1). A reservation exists only when both records agree;
-// the key is written first and removed last, so a crash in between leaves at
-// worst a dangling key, which is ignored and cleaned by the next release or GC.
+// A reservation is one symlink whose content names both the address and the
+// attachment, reachable under two names: by key (O(1) release) and by
+// address (uniqueness). symlink(2) creates name and content in one atomic
+// step, and link(2) fails with EEXIST if the address name is taken, so an
+// address can never be handed out twice and a crash never leaves half a
+// record. The key name is made first and removed last, so a crash in between
+// leaves at worst a dangling key, which is ignored and cleaned by the next
+// release or GC. One inode per reservation matters: creating inodes is the
+// most expensive filesystem step of an ADD on ext4.
 package ipam
 
 import (
@@ -43,6 +46,22 @@ func (k Key) String() string { return k.ContainerID + ":" + k.IfName }
 type Reservation struct {
 	Key Key
 	IP  netip.Addr
+}
+
+// record is the content both names of a reservation point to.
+func (r Reservation) record() string { return r.IP.String() + " " + r.Key.String() }
+
+func parseRecord(s string) (Reservation, bool) {
+	ipStr, key, ok := strings.Cut(s, " ")
+	if !ok {
+		return Reservation{}, false
+	}
+	ip, err := netip.ParseAddr(ipStr)
+	id, ifname, ok := strings.Cut(key, ":")
+	if err != nil || !ok {
+		return Reservation{}, false
+	}
+	return Reservation{Key: Key{ContainerID: id, IfName: ifname}, IP: ip}, true
 }
 
 // ErrExhausted means every host address of the subnet is taken.
@@ -91,24 +110,23 @@ func (s *Store) lock() (unlock func(), err error) {
 	return func() { f.Close() }, nil // close releases the flock
 }
 
-// lookup returns the IP held by k, if both records agree. Caller holds the lock.
-func (s *Store) lookup(k Key) (netip.Addr, bool, error) {
-	target, err := os.Readlink(s.keyPath(k))
+// lookup returns k's reservation. ok is false for a missing or dangling key
+// (its address record is gone or is someone else's); r.IP is still set for
+// a dangling key. Caller holds the lock.
+func (s *Store) lookup(k Key) (r Reservation, ok bool, err error) {
+	content, err := os.Readlink(s.keyPath(k))
 	if errors.Is(err, os.ErrNotExist) {
-		return netip.Addr{}, false, nil
+		return Reservation{}, false, nil
 	}
 	if err != nil {
-		return netip.Addr{}, false, err
+		return Reservation{}, false, err
 	}
-	ip, err := netip.ParseAddr(target)
-	if err != nil {
-		return netip.Addr{}, false, nil // corrupt key: treat as absent
+	r, valid := parseRecord(content)
+	if !valid || r.Key != k {
+		return Reservation{}, false, nil // corrupt key: treat as absent
 	}
-	owner, err := os.Readlink(s.addrPath(ip))
-	if err != nil || owner != k.String() {
-		return ip, false, nil // dangling key
-	}
-	return ip, true, nil
+	owner, err := os.Readlink(s.addrPath(r.IP))
+	return r, err == nil && owner == content, nil
 }
 
 // Lookup reports the address k holds.
@@ -118,11 +136,11 @@ func (s *Store) Lookup(k Key) (netip.Addr, bool, error) {
 		return netip.Addr{}, false, err
 	}
 	defer unlock()
-	ip, ok, err := s.lookup(k)
+	r, ok, err := s.lookup(k)
 	if !ok {
-		ip = netip.Addr{}
+		return netip.Addr{}, false, err
 	}
-	return ip, ok, err
+	return r.IP, true, err
 }
 
 // Allocate gives k an address from subnet, skipping the network, gateway and
@@ -139,26 +157,24 @@ func (s *Store) Allocate(k Key, subnet netip.Prefix, gateway netip.Addr) (netip.
 	return s.allocate(k, subnet, gateway)
 }
 
-// Commit makes the store's changes durable (fsync of the directory). It is
-// separate from Allocate so that callers can overlap it with other work,
-// and it runs outside the lock so it never serialises other allocations.
+// Commit makes the store's changes durable (fsync of the directory). It
+// runs outside the lock so it never serialises other allocations.
 func (s *Store) Commit() error { return fileutil.SyncDir(s.dir) }
 
 func (s *Store) allocate(k Key, subnet netip.Prefix, gateway netip.Addr) (netip.Addr, error) {
-	if ip, ok, err := s.lookup(k); err != nil {
+	if r, ok, err := s.lookup(k); err != nil {
 		return netip.Addr{}, err
-	} else if ok && subnet.Contains(ip) {
-		return ip, nil
+	} else if ok && subnet.Contains(r.IP) {
+		return r.IP, nil
 	} else if ok {
-		s.release(k, ip) // held from an older subnet: give it back
+		s.release(r) // held from an older subnet: give it back
 	}
 	size := cidr.Size(subnet)
 	start := uint64(1)
-	if last, err := os.Readlink(filepath.Join(s.dir, "last")); err == nil {
-		if a, err := netip.ParseAddr(last); err == nil && subnet.Contains(a) {
-			start = cidr.Offset(subnet, a) + 1
-		}
+	if a, ok := s.last(); ok && subnet.Contains(a) {
+		start = cidr.Offset(subnet, a) + 1
 	}
+	kp := s.keyPath(k)
 	for i := uint64(0); i < size; i++ {
 		off := (start + i) % size
 		if off == 0 || off == size-1 {
@@ -171,13 +187,12 @@ func (s *Store) allocate(k Key, subnet netip.Prefix, gateway netip.Addr) (netip.
 		if _, err := os.Lstat(s.addrPath(ip)); err == nil {
 			continue
 		}
-		// Key first, address second (see package comment).
-		kp := s.keyPath(k)
+		// Key name first, address name second (see package comment).
 		os.Remove(kp)
-		if err := os.Symlink(ip.String(), kp); err != nil {
+		if err := os.Symlink(Reservation{Key: k, IP: ip}.record(), kp); err != nil {
 			return netip.Addr{}, fmt.Errorf("ipam: record %s: %w", k, err)
 		}
-		if err := os.Symlink(k.String(), s.addrPath(ip)); errors.Is(err, os.ErrExist) {
+		if err := os.Link(kp, s.addrPath(ip)); errors.Is(err, os.ErrExist) {
 			continue
 		} else if err != nil {
 			os.Remove(kp)
@@ -186,28 +201,39 @@ func (s *Store) allocate(k Key, subnet netip.Prefix, gateway netip.Addr) (netip.
 		s.setLast(ip)
 		return ip, nil
 	}
-	os.Remove(s.keyPath(k))
+	os.Remove(kp)
 	return netip.Addr{}, fmt.Errorf("%w in subnet %s", ErrExhausted, subnet)
 }
 
-// setLast records the round-robin hint. It is only a hint: not fsynced.
-func (s *Store) setLast(ip netip.Addr) {
-	p := filepath.Join(s.dir, "last")
-	tmp := p + ".tmp"
-	os.Remove(tmp)
-	if os.Symlink(ip.String(), tmp) == nil {
-		os.Rename(tmp, p)
+// last reads the round-robin hint.
+func (s *Store) last() (netip.Addr, bool) {
+	b, err := os.ReadFile(filepath.Join(s.dir, "last"))
+	if err != nil {
+		return netip.Addr{}, false
 	}
+	a, err := netip.ParseAddr(strings.TrimSpace(string(b)))
+	return a, err == nil
 }
 
-// release removes k's records for ip. Caller holds the lock.
-func (s *Store) release(k Key, ip netip.Addr) error {
-	if owner, err := os.Readlink(s.addrPath(ip)); err == nil && owner == k.String() {
-		if err := os.Remove(s.addrPath(ip)); err != nil && !errors.Is(err, os.ErrNotExist) {
+// setLast records the round-robin hint in place (no new inode, no fsync:
+// it is only a hint, and a torn write just restarts the scan).
+func (s *Store) setLast(ip netip.Addr) {
+	f, err := os.OpenFile(filepath.Join(s.dir, "last"), os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return
+	}
+	fmt.Fprintf(f, "%-15s\n", ip) // fixed width: overwrites a longer previous value
+	f.Close()
+}
+
+// release removes r's names. Caller holds the lock.
+func (s *Store) release(r Reservation) error {
+	if owner, err := os.Readlink(s.addrPath(r.IP)); err == nil && owner == r.record() {
+		if err := os.Remove(s.addrPath(r.IP)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 	}
-	if err := os.Remove(s.keyPath(k)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Remove(s.keyPath(r.Key)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	return nil
@@ -219,18 +245,21 @@ func (s *Store) Release(k Key) (netip.Addr, bool, error) {
 	if err != nil {
 		return netip.Addr{}, false, err
 	}
-	ip, ok, err := s.lookup(k)
-	if err == nil && ip.IsValid() {
-		err = s.release(k, ip)
+	r, ok, err := s.lookup(k)
+	if err == nil && r.IP.IsValid() {
+		err = s.release(r)
 	}
 	unlock()
 	if err != nil {
 		return netip.Addr{}, false, fmt.Errorf("ipam release %s: %w", k, err)
 	}
-	if !ip.IsValid() {
-		return ip, false, nil
+	if !r.IP.IsValid() {
+		return netip.Addr{}, false, nil
 	}
-	return ip, ok, fileutil.SyncDir(s.dir)
+	if !ok {
+		return netip.Addr{}, false, s.Commit() // only a dangling key went
+	}
+	return r.IP, true, s.Commit()
 }
 
 // List returns every reservation.
@@ -250,23 +279,16 @@ func (s *Store) list() ([]Reservation, error) {
 	}
 	var out []Reservation
 	for _, e := range entries {
-		name, ok := strings.CutPrefix(e.Name(), "a:")
-		if !ok {
+		if !strings.HasPrefix(e.Name(), "a:") {
 			continue
 		}
-		ip, err := netip.ParseAddr(name)
+		content, err := os.Readlink(filepath.Join(s.dir, e.Name()))
 		if err != nil {
 			continue
 		}
-		owner, err := os.Readlink(filepath.Join(s.dir, e.Name()))
-		if err != nil {
-			continue
+		if r, ok := parseRecord(content); ok && "a:"+r.IP.String() == e.Name() {
+			out = append(out, r)
 		}
-		id, ifname, ok := strings.Cut(owner, ":")
-		if !ok {
-			continue
-		}
-		out = append(out, Reservation{Key: Key{ContainerID: id, IfName: ifname}, IP: ip})
 	}
 	return out, nil
 }
@@ -289,7 +311,7 @@ func (s *Store) GC(keep func(Key) bool) ([]Reservation, error) {
 		if keep(r.Key) {
 			continue
 		}
-		if err := s.release(r.Key, r.IP); err != nil {
+		if err := s.release(r); err != nil {
 			unlock()
 			return released, err
 		}
@@ -297,20 +319,23 @@ func (s *Store) GC(keep func(Key) bool) ([]Reservation, error) {
 	}
 	s.pruneDanglingKeys()
 	unlock()
-	return released, fileutil.SyncDir(s.dir)
+	return released, s.Commit()
 }
 
 func (s *Store) pruneDanglingKeys() {
 	entries, _ := os.ReadDir(s.dir)
 	for _, e := range entries {
-		rest, ok := strings.CutPrefix(e.Name(), "k:")
-		if !ok {
+		if !strings.HasPrefix(e.Name(), "k:") {
 			continue
 		}
-		id, ifname, _ := strings.Cut(rest, ":")
-		k := Key{ContainerID: id, IfName: ifname}
-		if _, ok, err := s.lookup(k); err == nil && !ok {
-			os.Remove(s.keyPath(k))
+		content, err := os.Readlink(filepath.Join(s.dir, e.Name()))
+		r, valid := parseRecord(content)
+		if err != nil || !valid || "k:"+r.Key.String() != e.Name() {
+			os.Remove(filepath.Join(s.dir, e.Name()))
+			continue
+		}
+		if _, ok, err := s.lookup(r.Key); err == nil && !ok {
+			os.Remove(s.keyPath(r.Key))
 		}
 	}
 }

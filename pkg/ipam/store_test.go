@@ -128,7 +128,7 @@ func TestConcurrentAllocateNeverDoubleAssigns(t *testing.T) {
 func TestDanglingKeyFromCrashIsIgnoredAndPruned(t *testing.T) {
 	s, _ := Open(t.TempDir(), "net1")
 	// A crash between writing the key and the address record leaves this:
-	if err := os.Symlink("10.244.1.9", filepath.Join(s.Dir(), "k:"+key(7).String())); err != nil {
+	if err := os.Symlink("10.244.1.9 "+key(7).String(), filepath.Join(s.Dir(), "k:"+key(7).String())); err != nil {
 		t.Fatal(err)
 	}
 	if _, ok, _ := s.Lookup(key(7)); ok {
@@ -172,5 +172,24 @@ func TestAllocateMovesKeyToNewSubnet(t *testing.T) {
 	}
 	if _, err := os.Lstat(filepath.Join(s.Dir(), "a:"+old.String())); !errors.Is(err, os.ErrNotExist) {
 		t.Fatal("old-subnet address not released")
+	}
+}
+
+func TestReservationIsOneInodeUnderTwoNames(t *testing.T) {
+	s, _ := Open(t.TempDir(), "net1")
+	ip, err := s.Allocate(key(1), subnet24, gw24)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err1 := os.Lstat(filepath.Join(s.Dir(), "a:"+ip.String()))
+	k, err2 := os.Lstat(filepath.Join(s.Dir(), "k:"+key(1).String()))
+	if err1 != nil || err2 != nil || !os.SameFile(a, k) || a.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("address and key records are not one symlink: %v %v", err1, err2)
+	}
+	// A key whose address name belongs to someone else is not a reservation.
+	os.Remove(filepath.Join(s.Dir(), "a:"+ip.String()))
+	os.Symlink(Reservation{Key: key(2), IP: ip}.record(), filepath.Join(s.Dir(), "a:"+ip.String()))
+	if _, ok, _ := s.Lookup(key(1)); ok {
+		t.Fatal("key reported as holding an address recorded for another attachment")
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/flatnet-io/flatnet/pkg/fileutil"
+	"github.com/flatnet-io/flatnet/pkg/kubecluster"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 )
 
@@ -44,6 +45,13 @@ type Options struct {
 	Resync      time.Duration // agents' resync interval
 	CNIVersion  string        // cniVersion of the agents' conflist; "": flatnetd's default
 	Progress    io.Writer     // progress lines; nil: quiet
+	// Datastore is where the agents keep their leases: "etcd" (default) or
+	// "kubernetes" (a control plane in the hub, built from KubeBinDir).
+	Datastore  string
+	KubeBinDir string // kube-apiserver, kube-controller-manager (hack/k8s/build.sh)
+	// LeastPrivilege runs the agents with what deploy/flatnet.yaml gives
+	// them: CAP_NET_ADMIN and no other root power.
+	LeastPrivilege bool
 }
 
 // State is a running lab, as saved in <root>/<name>/lab.json.
@@ -64,6 +72,10 @@ type State struct {
 	EtcdURL     string  `json:"etcdURL"`
 	Nodes       []*Node `json:"nodes"`
 	Pods        []*Pod  `json:"pods"`
+
+	Datastore      string `json:"datastore,omitempty"` // "" is etcd
+	Kube           *Kube  `json:"kube,omitempty"`
+	LeastPrivilege bool   `json:"leastPrivilege,omitempty"` // see Options
 }
 
 // Host is a namespace with one address that matters.
@@ -130,6 +142,16 @@ func (o *Options) defaults() error {
 	}
 	if o.Backend == "" {
 		o.Backend = "host-gw"
+	}
+	switch o.Datastore {
+	case "", DatastoreEtcd:
+		o.Datastore = DatastoreEtcd
+	case DatastoreKubernetes:
+		if err := kubecluster.CheckBinaries(o.KubeBinDir); err != nil {
+			return fmt.Errorf("--kube-bin-dir: %w", err)
+		}
+	default:
+		return fmt.Errorf("--datastore %q: want etcd or kubernetes", o.Datastore)
 	}
 	if o.LeaseTTL == 0 {
 		o.LeaseTTL = time.Minute
@@ -227,6 +249,7 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	s := &State{
 		Name: o.Name, Dir: dir, BinDir: o.BinDir, Backend: o.Backend, Topology: o.Topology, Racks: o.Racks,
 		ClusterCIDR: ClusterCIDR, LeaseTTL: o.LeaseTTL.String(), Resync: o.Resync.String(), CNIVersion: o.CNIVersion,
+		Datastore: o.Datastore, LeastPrivilege: o.LeastPrivilege,
 		Hub:      Host{NetNS: Prefix(o.Name) + "hub", IP: segmentOf(1).router.Addr()},
 		Internet: Host{NetNS: Prefix(o.Name) + "inet", IP: internetIP},
 	}
@@ -258,22 +281,17 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 		return nil, err
 	}
 	say("etcd (embedded) serving at %s", s.EtcdURL)
-
-	for i := 1; i <= o.Nodes; i++ {
-		rack := (i-1)%o.Racks + 1
-		addr := nodeIP(rack, i)
-		n := &Node{Name: fmt.Sprintf("n%d", i), NetNS: fmt.Sprintf("%sn%d", Prefix(o.Name), i), Rack: rack,
-			UnderlayIP: addr.Addr(), Underlay: addr, HubPort: fmt.Sprintf("n%d", i), Dir: filepath.Join(dir, fmt.Sprintf("n%d", i))}
-		h, err := s.newNS(n.NetNS)
-		if err != nil {
+	if o.Datastore == DatastoreKubernetes {
+		if err := s.startKube(ctx, o.KubeBinDir); err != nil {
 			return nil, err
 		}
-		err = buildNode(hub, h, n.HubPort, rack, addr)
-		h.Close()
-		if err != nil {
-			return nil, fmt.Errorf("node %s: %w", n.Name, err)
+		say("kube-apiserver at %s, kube-controller-manager (node IPAM %s), deploy/flatnet.yaml applied", s.Kube.URL, s.ClusterCIDR)
+	}
+
+	for i := 1; i <= o.Nodes; i++ {
+		if _, err := s.addNode(ctx, hub, i); err != nil {
+			return nil, err
 		}
-		s.Nodes = append(s.Nodes, n)
 	}
 	if err := s.save(); err != nil {
 		return nil, err
@@ -307,6 +325,54 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	return s, nil
 }
 
+// addNode creates node i: its namespace plugged into its rack's switch
+// and, on Kubernetes, its Node object and agent kubeconfig.
+func (s *State) addNode(ctx context.Context, hub ns.NetNS, i int) (*Node, error) {
+	rack := (i-1)%s.Racks + 1
+	addr := nodeIP(rack, i)
+	name := fmt.Sprintf("n%d", i)
+	n := &Node{Name: name, NetNS: Prefix(s.Name) + name, Rack: rack,
+		UnderlayIP: addr.Addr(), Underlay: addr, HubPort: name, Dir: filepath.Join(s.Dir, name)}
+	h, err := s.newNS(n.NetNS)
+	if err != nil {
+		return nil, err
+	}
+	err = buildNode(hub, h, n.HubPort, rack, addr)
+	h.Close()
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", n.Name, err)
+	}
+	s.Nodes = append(s.Nodes, n)
+	if s.Kube != nil {
+		if err := s.joinKube(ctx, n); err != nil {
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+// AddNode adds a node to a running lab and starts its agent, without
+// waiting for it to be ready.
+func (s *State) AddNode(ctx context.Context) (*Node, error) {
+	hub, err := ns.GetNS(nsutil.Path(s.Hub.NetNS))
+	if err != nil {
+		return nil, err
+	}
+	defer hub.Close()
+	i := 1
+	for _, n := range s.Nodes {
+		var k int
+		if _, err := fmt.Sscanf(n.Name, "n%d", &k); err == nil && k >= i {
+			i = k + 1
+		}
+	}
+	n, err := s.addNode(ctx, hub, i)
+	if err != nil {
+		return nil, err
+	}
+	return n, s.StartAgent(n)
+}
+
 // newNS creates one of the lab's namespaces.
 func (s *State) newNS(name string) (ns.NetNS, error) {
 	return nsutil.Create(name)
@@ -333,6 +399,7 @@ func (s *State) down() error {
 	for _, n := range s.Nodes {
 		stop(n.Agent.PID, 5*time.Second)
 	}
+	s.stopKube() // before etcd: an API server without etcd hangs in its shutdown
 	stop(s.Etcd.PID, 10*time.Second)
 	// Pods first, then nodes: deleting a node's namespace removes the host
 	// ends of its pods' veths, and the pod ends go with their namespaces.

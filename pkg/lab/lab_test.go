@@ -182,9 +182,18 @@ func (p *prober) finish(t *testing.T) {
 
 func TestAgentRestartLosesNoProbeAndKeepsSubnet(t *testing.T) {
 	s := newLab(t, lab.Options{Nodes: 2, PodsPerNode: 1})
-	ctx := context.Background()
 	a, b := s.PodsOf("n1")[0], s.PodsOf("n2")[0]
 	p := startProber(t, s, a, b)
+	restartEachAgent(t, s)
+	p.finish(t)
+	mustCheck(t, s)
+}
+
+// restartEachAgent stops and starts every node's agent, one at a time,
+// first with SIGTERM, then with SIGKILL; each must come back ready with
+// the subnet it had.
+func restartEachAgent(t *testing.T, s *lab.State) {
+	t.Helper()
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 		for _, n := range s.Nodes {
 			before := n.Subnet
@@ -194,7 +203,7 @@ func TestAgentRestartLosesNoProbeAndKeepsSubnet(t *testing.T) {
 			if err := s.StartAgent(n); err != nil {
 				t.Fatal(err)
 			}
-			if err := s.WaitReady(ctx, n, 30*time.Second); err != nil {
+			if err := s.WaitReady(context.Background(), n, 30*time.Second); err != nil {
 				t.Fatal(err)
 			}
 			if n.Subnet != before {
@@ -202,8 +211,6 @@ func TestAgentRestartLosesNoProbeAndKeepsSubnet(t *testing.T) {
 			}
 		}
 	}
-	p.finish(t)
-	mustCheck(t, s)
 }
 
 func TestRouteDeletedByHandIsRestored(t *testing.T) {

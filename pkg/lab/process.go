@@ -20,6 +20,7 @@ import (
 
 	"github.com/flatnet-io/flatnet/pkg/agent"
 	"github.com/flatnet-io/flatnet/pkg/cniruntime"
+	"github.com/flatnet-io/flatnet/pkg/kubecluster"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
 )
@@ -32,6 +33,12 @@ const AgentPort = 9645
 // session, logging to logPath. A goroutine reaps it if it exits while this
 // process still runs (tests); otherwise init does.
 func startDetached(nsName, logPath string, argv ...string) (Process, error) {
+	return startDetachedAs(nsName, logPath, syscall.SysProcAttr{}, argv...)
+}
+
+// startDetachedAs is startDetached with process attributes (credentials,
+// capabilities).
+func startDetachedAs(nsName, logPath string, attr syscall.SysProcAttr, argv ...string) (Process, error) {
 	h, err := ns.GetNS(nsutil.Path(nsName))
 	if err != nil {
 		return Process{}, err
@@ -47,7 +54,8 @@ func startDetached(nsName, logPath string, argv ...string) (Process, error) {
 	defer logf.Close()
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	attr.Setsid = true
+	cmd.SysProcAttr = &attr
 	if err := nsutil.Start(h, cmd); err != nil {
 		return Process{}, fmt.Errorf("start %s in %s: %w", argv[0], nsName, err)
 	}
@@ -69,7 +77,12 @@ func ours(pid int) bool {
 		return false // exited, not yet reaped
 	}
 	cmd := string(b)
-	return strings.Contains(cmd, "flatnetd") || strings.Contains(cmd, "flatnetctl")
+	for _, name := range []string{"flatnetd", "flatnetctl", kubecluster.APIServer, kubecluster.ControllerManager} {
+		if strings.Contains(cmd, name) {
+			return true
+		}
+	}
+	return false
 }
 
 // stop sends SIGTERM, waits up to grace, then SIGKILLs.
@@ -148,12 +161,22 @@ func (s *State) AgentArgs(n *Node) []string {
 	if s.CNIVersion != "" {
 		args = append(args, "--cni-version", s.CNIVersion)
 	}
+	if s.Datastore == DatastoreKubernetes {
+		args = append(args, "--datastore", DatastoreKubernetes, "--kubeconfig", kubeconfigOf(n))
+	}
 	return args
 }
 
 // StartAgent starts flatnetd in node n.
 func (s *State) StartAgent(n *Node) error {
-	p, err := startDetached(n.NetNS, filepath.Join(n.Dir, "flatnetd.log"), s.AgentArgs(n)...)
+	var attr syscall.SysProcAttr
+	if s.LeastPrivilege {
+		var err error
+		if attr, err = leastPrivilege(n); err != nil {
+			return err
+		}
+	}
+	p, err := startDetachedAs(n.NetNS, filepath.Join(n.Dir, "flatnetd.log"), attr, s.AgentArgs(n)...)
 	if err != nil {
 		return err
 	}
@@ -258,10 +281,19 @@ func (s *State) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) 
 	return p, s.save()
 }
 
-// RemoveNode kills node n's agent (no goodbye: its lease must expire) and
-// deletes the node and its pods.
+// RemoveNode kills node n's agent (no goodbye: on etcd its lease must
+// expire) and deletes the node and its pods; on Kubernetes also its Node
+// object, as `kubectl delete node` does.
 func (s *State) RemoveNode(n *Node) error {
 	s.StopAgent(n, syscall.SIGKILL)
+	if s.Kube != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := s.leaveKube(ctx, n)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("node %s: delete Node: %w", n.Name, err)
+		}
+	}
 	var pods []*Pod
 	for _, p := range s.Pods {
 		if p.Node == n.Name {

@@ -18,6 +18,8 @@ type StatusView struct {
 	Internet Host         `json:"internet"`
 	Nodes    []NodeStatus `json:"nodes"`
 	Pods     []*Pod       `json:"pods"`
+
+	APIServer string `json:"apiServer,omitempty"` // the lab's Kubernetes API (datastore kubernetes)
 }
 
 // NodeStatus is a node with what its agent reports.
@@ -36,6 +38,9 @@ type NodeStatus struct {
 // Status collects the view, asking each agent.
 func (s *State) Status(ctx context.Context) *StatusView {
 	v := &StatusView{Name: s.Name, Backend: s.Backend, Topology: s.Topology, EtcdURL: s.EtcdURL, Internet: s.Internet, Pods: s.Pods}
+	if s.Kube != nil {
+		v.APIServer = s.Kube.URL
+	}
 	for _, n := range s.Nodes {
 		ns := NodeStatus{Name: n.Name, NetNS: n.NetNS, Rack: n.Rack, UnderlayIP: n.UnderlayIP.String(), Subnet: n.Subnet.String(), Agent: "down"}
 		if st, err := s.AgentStatus(ctx, n); err == nil {
@@ -69,7 +74,11 @@ func (v *StatusView) PrintJSON(w io.Writer) error {
 
 // Print writes the view as tables.
 func (v *StatusView) Print(w io.Writer) {
-	fmt.Fprintf(w, "lab %s: backend %s, topology %s, etcd %s, internet host %s (%s)\n\n", v.Name, v.Backend, v.Topology, v.EtcdURL, v.Internet.IP, v.Internet.NetNS)
+	fmt.Fprintf(w, "lab %s: backend %s, topology %s, etcd %s, internet host %s (%s)\n", v.Name, v.Backend, v.Topology, v.EtcdURL, v.Internet.IP, v.Internet.NetNS)
+	if v.APIServer != "" {
+		fmt.Fprintf(w, "datastore kubernetes: API server %s (from the hub namespace)\n", v.APIServer)
+	}
+	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tNETNS\tRACK\tUNDERLAY IP\tPOD SUBNET\tAGENT\tDIRECT\tOVERLAY\tUNREACHED")
 	for _, n := range v.Nodes {

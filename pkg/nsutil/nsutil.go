@@ -130,8 +130,14 @@ func SetSysctl(h ns.NetNS, key, value string) error {
 }
 
 // WriteSysctl writes a /proc/sys value in the calling thread's namespace.
+// A value that is already set is not written again: containers usually
+// see /proc/sys read-only, and the agent must still start there when the
+// node already forwards.
 func WriteSysctl(key, value string) error {
 	p := filepath.Join("/proc/sys", key)
+	if cur, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(cur)) == value {
+		return nil
+	}
 	if err := os.WriteFile(p, []byte(value), 0o644); err != nil {
 		return fmt.Errorf("sysctl %s=%s: %w", key, value, err)
 	}

@@ -74,11 +74,20 @@ func sweepStale() {
 // ModuleRoot is the repository root (the directory of go.mod).
 func ModuleRoot(t testing.TB) string {
 	t.Helper()
+	dir, err := ModuleRootDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// ModuleRootDir is ModuleRoot for callers without a test (TestMain).
+func ModuleRootDir() (string, error) {
 	out, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
-		t.Fatalf("go env GOMOD: %v", err)
+		return "", fmt.Errorf("go env GOMOD: %w", err)
 	}
-	return filepath.Dir(strings.TrimSpace(string(out)))
+	return filepath.Dir(strings.TrimSpace(string(out))), nil
 }
 
 var (
@@ -95,6 +104,10 @@ func Binaries(t testing.TB) string {
 		root := ModuleRoot(t)
 		buildDir, buildErr = os.MkdirTemp("", "flatnet-test-bin-")
 		if buildErr != nil {
+			return
+		}
+		// Lab agents may run as an unprivileged user (lab.Options.LeastPrivilege).
+		if buildErr = os.Chmod(buildDir, 0o755); buildErr != nil {
 			return
 		}
 		cmd := exec.Command("go", "build", "-o", buildDir+"/", "./cmd/...")

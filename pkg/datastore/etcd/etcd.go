@@ -17,12 +17,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -87,11 +85,7 @@ type Store struct {
 	configOK   atomic.Bool
 	registered atomic.Bool
 
-	mu       sync.Mutex // guards closed and wg.Add
-	closed   bool
-	wg       sync.WaitGroup
-	stop     context.Context // ends on Close
-	stopFunc context.CancelFunc
+	bg *datastore.Group
 }
 
 var _ datastore.Datastore = (*Store)(nil)
@@ -150,7 +144,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		maxBackoff: max(500*time.Millisecond, min(10*time.Second, cfg.LeaseTTL/4)),
 		probeEvery: min(cfg.LeaseTTL/3, 5*time.Second),
 	}
-	s.stop, s.stopFunc = context.WithCancel(context.Background())
+	s.bg = datastore.NewGroup()
 	return s, nil
 }
 
@@ -187,37 +181,11 @@ func validate(cfg Config) error {
 // closes the client. It does not revoke the lease: a restarted agent gets
 // its subnet back, and the key expires if the node never returns.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	already := s.closed
-	s.closed = true
-	s.mu.Unlock()
-	if already {
+	if !s.bg.Close() {
 		return nil
 	}
-	s.stopFunc()
-	s.wg.Wait()
 	s.held.Store(false)
 	return s.cli.Close()
-}
-
-// goBackground runs f in a goroutine tracked by Close, with a context that
-// also ends on Close.
-func (s *Store) goBackground(ctx context.Context, f func(context.Context)) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return errors.New("etcd datastore: store is closed")
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(s.stop, cancel)
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		defer cancel()
-		defer stop()
-		f(ctx)
-	}()
-	return nil
 }
 
 // LeaseHeld reports whether the node's claim is currently confirmed by etcd.
@@ -308,19 +276,6 @@ func (s *Store) etcdErr(ctx context.Context, what string, err error) error {
 	return fmt.Errorf("etcd %s: %s: %w", strings.Join(s.cfg.Endpoints, ","), what, err)
 }
 
-// sleep waits d with ±20% jitter; false if ctx ended first.
-func sleep(ctx context.Context, d time.Duration) bool {
-	d = time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
 func (s *Store) nextBackoff(d time.Duration) time.Duration { return min(2*d, s.maxBackoff) }
 
 // ---- Register ----
@@ -337,8 +292,8 @@ type claim struct {
 // back-off while etcd is unreachable or the cluster CIDR is full, and then
 // keeps the claim alive until ctx ends. It may succeed once per Store.
 func (s *Store) Register(ctx context.Context, self datastore.NodeInfo) (datastore.Lease, error) {
-	if err := validateNode(self); err != nil {
-		return datastore.Lease{}, err
+	if err := self.Validate(); err != nil {
+		return datastore.Lease{}, fmt.Errorf("etcd datastore: %w", err)
 	}
 	if !s.registered.CompareAndSwap(false, true) {
 		return datastore.Lease{}, errors.New("etcd datastore: Register called twice on one Store")
@@ -346,7 +301,7 @@ func (s *Store) Register(ctx context.Context, self datastore.NodeInfo) (datastor
 	keepCtx := ctx // the keepalive lives as long as the caller's ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	defer context.AfterFunc(s.stop, cancel)()
+	defer context.AfterFunc(s.bg.Stopped(), cancel)()
 
 	log := s.log.With("node", self.Name)
 	var lastErr error
@@ -356,7 +311,7 @@ func (s *Store) Register(ctx context.Context, self datastore.NodeInfo) (datastor
 		if err == nil {
 			log.Info("claimed pod subnet", "subnet", c.lease.Subnet, "key", c.key, "ttl", s.cfg.LeaseTTL)
 			s.held.Store(true)
-			if err := s.goBackground(keepCtx, func(ctx context.Context) { s.maintain(ctx, self, c) }); err != nil {
+			if err := s.bg.Go(keepCtx, func(ctx context.Context) { s.maintain(ctx, self, c) }); err != nil {
 				s.held.Store(false)
 				s.registered.Store(false)
 				return datastore.Lease{}, err
@@ -375,23 +330,13 @@ func (s *Store) Register(ctx context.Context, self datastore.NodeInfo) (datastor
 		if ctx.Err() == nil {
 			log.Warn("cannot claim a pod subnet yet; will retry", "attempt", attempt, "retryIn", bo, "err", err)
 		}
-		if ctx.Err() != nil || !sleep(ctx, bo) {
+		if ctx.Err() != nil || !datastore.Sleep(ctx, bo) {
 			s.registered.Store(false)
 			return datastore.Lease{}, fmt.Errorf("node %q: no pod subnet after %d attempts (%w): %w",
 				self.Name, attempt, context.Cause(ctx), lastErr)
 		}
 		bo = s.nextBackoff(bo)
 	}
-}
-
-func validateNode(n datastore.NodeInfo) error {
-	if n.Name == "" {
-		return errors.New("etcd datastore: node name is empty")
-	}
-	if ip := n.UnderlayIP; !ip.IsValid() || ip.IsUnspecified() || ip.IsMulticast() || ip.Zone() != "" {
-		return fmt.Errorf("etcd datastore: node %q: invalid underlay IP %q", n.Name, n.UnderlayIP)
-	}
-	return nil
 }
 
 func (s *Store) leaseFor(self datastore.NodeInfo, p netip.Prefix) datastore.Lease {
@@ -594,7 +539,7 @@ func (s *Store) maintain(ctx context.Context, self datastore.NodeInfo, c claim) 
 			default:
 				log.Warn("cannot re-establish subnet lease yet; will retry", "retryIn", bo, "err", err)
 			}
-			if !sleep(ctx, bo) {
+			if !datastore.Sleep(ctx, bo) {
 				return
 			}
 			bo = s.nextBackoff(bo)
@@ -711,7 +656,7 @@ func (s *Store) reclaim(ctx context.Context, self datastore.NodeInfo, old claim)
 // etcd is unreachable nothing is sent. The channel is closed when ctx ends.
 func (s *Store) Watch(ctx context.Context) (<-chan []datastore.Lease, error) {
 	out := make(chan []datastore.Lease, 1)
-	if err := s.goBackground(ctx, func(ctx context.Context) {
+	if err := s.bg.Go(ctx, func(ctx context.Context) {
 		defer close(out)
 		s.watch(ctx, out)
 	}); err != nil {
@@ -729,7 +674,7 @@ func (s *Store) watch(ctx context.Context, out chan []datastore.Lease) {
 			return
 		}
 		sent, sentAny = snap, true
-		sendLatest(out, snap)
+		datastore.SendLatest(out, snap)
 	}
 	bad := map[string]bool{} // keys already logged as unparsable
 	parse := func(kv *mvccpb.KeyValue) (datastore.Lease, bool) {
@@ -758,7 +703,7 @@ func (s *Store) watch(ctx context.Context, out chan []datastore.Lease) {
 				s.log.Warn("cannot list leases; keeping the last known set until etcd answers", "err", s.etcdErr(ctx, "list", err))
 				failing = true
 			}
-			if !sleep(ctx, bo) {
+			if !datastore.Sleep(ctx, bo) {
 				return
 			}
 			bo = s.nextBackoff(bo)
@@ -810,23 +755,8 @@ func (s *Store) watch(ctx context.Context, out chan []datastore.Lease) {
 			}
 		}
 		wcancel()
-		if ctx.Err() == nil && !sleep(ctx, s.minBackoff) {
+		if ctx.Err() == nil && !datastore.Sleep(ctx, s.minBackoff) {
 			return
-		}
-	}
-}
-
-// sendLatest puts v into ch (capacity 1, one sender), replacing an unread value.
-func sendLatest[T any](ch chan T, v T) {
-	for {
-		select {
-		case ch <- v:
-			return
-		default:
-		}
-		select {
-		case <-ch:
-		default:
 		}
 	}
 }
@@ -836,6 +766,6 @@ func snapshot(m map[string]datastore.Lease) []datastore.Lease {
 	for _, l := range m {
 		out = append(out, l)
 	}
-	slices.SortFunc(out, func(a, b datastore.Lease) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+	datastore.SortLeases(out)
 	return out
 }

@@ -18,85 +18,25 @@ import (
 	"github.com/flatnet-io/flatnet/pkg/cidr"
 	"github.com/flatnet-io/flatnet/pkg/datastore"
 	"github.com/flatnet-io/flatnet/pkg/etcdserver"
+	"github.com/flatnet-io/flatnet/pkg/testutil"
 )
 
 var cluster = netip.MustParsePrefix("10.244.0.0/16")
 
 // ---- test helpers ----
 
-// logs records every slog record; it is dumped if the test fails.
-type logs struct {
-	mu   sync.Mutex
-	recs []string
-	lvls []slog.Level
-}
-
-type logHandler struct {
-	l     *logs
-	attrs []slog.Attr
-}
-
-func (h logHandler) Enabled(context.Context, slog.Level) bool { return true }
-func (h logHandler) WithGroup(string) slog.Handler            { return h }
-func (h logHandler) WithAttrs(as []slog.Attr) slog.Handler {
-	return logHandler{l: h.l, attrs: append(h.attrs[:len(h.attrs):len(h.attrs)], as...)}
-}
-
-func (h logHandler) Handle(_ context.Context, r slog.Record) error {
-	var b strings.Builder
-	b.WriteString(r.Message)
-	for _, a := range h.attrs {
-		fmt.Fprintf(&b, " %s", a)
-	}
-	r.Attrs(func(a slog.Attr) bool { fmt.Fprintf(&b, " %s", a); return true })
-	h.l.mu.Lock()
-	defer h.l.mu.Unlock()
-	h.l.recs = append(h.l.recs, b.String())
-	h.l.lvls = append(h.l.lvls, r.Level)
-	return nil
-}
-
-// count is the number of records at lvl containing all of subs.
-func (l *logs) count(lvl slog.Level, subs ...string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	n := 0
-next:
-	for i, r := range l.recs {
-		if l.lvls[i] != lvl {
-			continue
-		}
-		for _, s := range subs {
-			if !strings.Contains(r, s) {
-				continue next
-			}
-		}
-		n++
-	}
-	return n
-}
-
 type env struct {
 	t    *testing.T
 	dir  string
 	srv  *etcdserver.Server
 	url  string
-	logs *logs
+	logs *testutil.Logs
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), logs: &logs{}}
+	e := &env{t: t, dir: t.TempDir(), logs: testutil.NewLogs(t)}
 	e.start("", "")
-	t.Cleanup(func() {
-		if t.Failed() {
-			e.logs.mu.Lock()
-			for i, r := range e.logs.recs {
-				t.Logf("log %s: %s", e.logs.lvls[i], r)
-			}
-			e.logs.mu.Unlock()
-		}
-	})
 	return e
 }
 
@@ -112,7 +52,7 @@ func (e *env) start(clientURL, peerURL string) {
 	e.t.Cleanup(func() { srv.Stop() })
 }
 
-func (e *env) logger() *slog.Logger { return slog.New(logHandler{l: e.logs}) }
+func (e *env) logger() *slog.Logger { return e.logs.Logger() }
 
 // store makes a Store on e's etcd with fast timings; mod adjusts its config.
 func (e *env) store(mod func(*Config)) *Store {
@@ -339,7 +279,7 @@ func TestPreferredSubnet(t *testing.T) {
 	if l := e.registerOK(ctx, e.store(nil), c); l.Subnet != netip.MustParsePrefix("10.244.1.0/24") {
 		t.Errorf("c: got %s, want 10.244.1.0/24", l.Subnet)
 	}
-	if e.logs.count(slog.LevelWarn, "ignoring preferred subnet", "10.99.0.0/24") == 0 {
+	if e.logs.Count(slog.LevelWarn, "ignoring preferred subnet", "10.99.0.0/24") == 0 {
 		t.Error("no warning about the unusable preferred subnet")
 	}
 }
@@ -367,7 +307,7 @@ func TestExhaustion(t *testing.T) {
 	if !errors.Is(err, datastore.ErrExhausted) || !strings.Contains(err.Error(), "10.250.0.0/22") {
 		t.Fatalf("err = %v, want ErrExhausted naming 10.250.0.0/22", err)
 	}
-	warned := e.logs.count(slog.LevelWarn, "cannot claim a pod subnet yet", "n5", "10.250.0.0/22")
+	warned := e.logs.Count(slog.LevelWarn, "cannot claim a pod subnet yet", "n5", "10.250.0.0/22")
 	if warned < 2 {
 		t.Fatalf("%d retry warnings for n5, want >= 2", warned)
 	}
@@ -386,7 +326,7 @@ func TestExhaustion(t *testing.T) {
 		done <- result{l, err}
 	}()
 	waitFor(t, 10*time.Second, "n5 retrying again", func() bool {
-		return e.logs.count(slog.LevelWarn, "cannot claim a pod subnet yet", "n5") > warned
+		return e.logs.Count(slog.LevelWarn, "cannot claim a pod subnet yet", "n5") > warned
 	})
 	// n2 leaves for good: its agent stops and an operator revokes its lease.
 	cancels[2]()
@@ -473,7 +413,7 @@ func TestConfigMismatch(t *testing.T) {
 			}
 		}
 	}
-	if n := e.logs.count(slog.LevelWarn, "will retry"); n != 0 {
+	if n := e.logs.Count(slog.LevelWarn, "will retry"); n != 0 {
 		t.Errorf("a config mismatch was retried (%d warnings)", n)
 	}
 	resp, err := e.client().Get(ctx, "/flatnet/config")
@@ -583,8 +523,8 @@ func TestUnreachableEtcdIsRetried(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &logs{}
-	s, err := New(context.Background(), Config{Endpoints: []string{ep}, ClusterCIDR: cluster, Logger: slog.New(logHandler{l: l})})
+	l := testutil.NewLogs(t)
+	s, err := New(context.Background(), Config{Endpoints: []string{ep}, ClusterCIDR: cluster, Logger: l.Logger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -602,7 +542,7 @@ func TestUnreachableEtcdIsRetried(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), ep) {
 		t.Errorf("err = %q, want a deadline error naming %s", err, ep)
 	}
-	if n := l.count(slog.LevelWarn, "cannot claim a pod subnet yet", "is etcd reachable?"); n < 2 {
+	if n := l.Count(slog.LevelWarn, "cannot claim a pod subnet yet", "is etcd reachable?"); n < 2 {
 		t.Errorf("%d retry warnings, want >= 2", n)
 	}
 	if s.LeaseHeld() {
@@ -635,7 +575,7 @@ func TestWatchIgnoresMalformedKeysAndClosesOnCancel(t *testing.T) {
 	if !slices.Equal(snap, []datastore.Lease{l}) {
 		t.Errorf("snapshot %v, want only %v", snap, l)
 	}
-	if n := e.logs.count(slog.LevelWarn, "ignoring malformed lease key"); n != 4 {
+	if n := e.logs.Count(slog.LevelWarn, "ignoring malformed lease key"); n != 4 {
 		t.Errorf("%d malformed-key warnings, want 4", n)
 	}
 	wcancel()
@@ -647,21 +587,6 @@ func TestWatchIgnoresMalformedKeysAndClosesOnCancel(t *testing.T) {
 			return false
 		}
 	})
-}
-
-func TestSendLatestReplacesUnread(t *testing.T) {
-	ch := make(chan int, 1)
-	for i := range 3 {
-		sendLatest(ch, i)
-	}
-	if got := <-ch; got != 2 {
-		t.Fatalf("got %d, want the newest (2)", got)
-	}
-	select {
-	case v := <-ch:
-		t.Fatalf("stale value %d left in the channel", v)
-	default:
-	}
 }
 
 // leaseOf returns the etcd lease a key is attached to.
@@ -693,7 +618,7 @@ func TestLostLeaseIsReestablished(t *testing.T) {
 			strings.Contains(string(resp.Kvs[0].Value), `"node":"a"`)
 	})
 	waitFor(t, 10*time.Second, "LeaseHeld", s.LeaseHeld)
-	if e.logs.count(slog.LevelInfo, "subnet lease re-established", "node=a") == 0 {
+	if e.logs.Count(slog.LevelInfo, "subnet lease re-established", "node=a") == 0 {
 		t.Error("no log about re-establishing the lease")
 	}
 }
@@ -720,13 +645,13 @@ func TestLostSubnetTakenByAnotherNodeIsLeftAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "an error naming the new holder", func() bool {
-		return e.logs.count(slog.LevelError, "another node now holds this node's subnet", "holder=b") > 0
+		return e.logs.Count(slog.LevelError, "another node now holds this node's subnet", "holder=b") > 0
 	})
 	if s.LeaseHeld() {
 		t.Error("LeaseHeld true while b holds a's subnet")
 	}
 	// a keeps retrying (in case b goes away) but never overwrites b.
-	n := e.logs.count(slog.LevelError, "another node now holds")
+	n := e.logs.Count(slog.LevelError, "another node now holds")
 	resp, err := raw.Get(ctx, key)
 	if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != bval {
 		t.Errorf("b's key was touched: %v %v", resp, err)

@@ -56,13 +56,17 @@ func Up(t *testing.T, o lab.Options) *lab.State {
 	return s
 }
 
-// DumpLogs shows the agents' and etcd's last log lines.
+// DumpLogs shows the last log lines of the agents, etcd and the
+// Kubernetes control plane (if any).
 func DumpLogs(t *testing.T, root, name string) {
 	s, err := lab.Load(root, name)
 	if err != nil {
 		return
 	}
 	logs := []string{s.Etcd.Log}
+	if s.Kube != nil {
+		logs = append(logs, s.Kube.APIServer.Log, s.Kube.ControllerManager.Log)
+	}
 	for _, n := range s.Nodes {
 		logs = append(logs, n.Agent.Log)
 	}
