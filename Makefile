@@ -4,7 +4,7 @@ BIN := bin
 LAB ?= demo
 NODES ?= 3
 PODS ?= 2
-BACKEND ?= host-gw
+BACKEND ?= auto
 TOPOLOGY ?= flat
 
 export PATH := /usr/local/go/bin:$(PATH)

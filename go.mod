@@ -3,6 +3,7 @@ module github.com/flatnet-io/flatnet
 go 1.26.8
 
 require (
+	github.com/safchain/ethtool v0.7.0
 	k8s.io/api v0.37.2
 	k8s.io/apimachinery v0.37.2
 	k8s.io/client-go v0.37.2

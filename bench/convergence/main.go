@@ -31,6 +31,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/flatnet-io/flatnet/bench/internal/machine"
 	"github.com/flatnet-io/flatnet/pkg/backend"
 	"github.com/flatnet-io/flatnet/pkg/datastore"
 	etcdstore "github.com/flatnet-io/flatnet/pkg/datastore/etcd"
@@ -74,7 +75,7 @@ func main() {
 	if err := b.open(); err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("flatnetd control plane, %d real agents (host-gw), etcd datastore; load average %s\n\n", *agents, loadavg())
+	fmt.Printf("flatnetd control plane, %d real agents (host-gw), etcd datastore; load average %s\n\n", *agents, machine.LoadAvg())
 	fmt.Printf("%-6s %-34s %-34s %s\n", "nodes", "new lease -> route on all peers", "lease deleted -> route gone", "agent RSS")
 	fmt.Printf("%-6s %-34s %-34s %s\n", "", "p50 / p90 / max (ms)", "p50 / p90 / max (ms)", "avg / max (MB)")
 	for _, size := range sizes {
@@ -266,13 +267,4 @@ func stats(d []time.Duration) string {
 		return float64(s[max(i, 0)].Microseconds()) / 1000
 	}
 	return fmt.Sprintf("%.1f / %.1f / %.1f", q(.5), q(.9), q(1))
-}
-
-func loadavg() string {
-	b, _ := os.ReadFile("/proc/loadavg")
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
 }

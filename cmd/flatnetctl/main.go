@@ -68,7 +68,7 @@ func up(ctx context.Context, args []string) error {
 	o := lab.Options{Progress: os.Stdout}
 	fs.IntVar(&o.Nodes, "nodes", 3, "number of nodes")
 	fs.IntVar(&o.PodsPerNode, "pods-per-node", 2, "pods on each node")
-	fs.StringVar(&o.Backend, "backend", "host-gw", "flatnetd backend: host-gw, vxlan or auto")
+	fs.StringVar(&o.Backend, "backend", "auto", "flatnetd backend: auto, vxlan or host-gw")
 	fs.StringVar(&o.Topology, "topology", "flat", "flat (one switch) or racks (L2 segments joined by a router)")
 	fs.IntVar(&o.Racks, "racks", 2, "number of racks with --topology racks")
 	fs.StringVar(&o.BinDir, "bin-dir", "", "directory with flatnet, flatnetd, flatnetctl (default: next to this binary)")

@@ -12,7 +12,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flatnet-io/flatnet/pkg/backend"
+	_ "github.com/flatnet-io/flatnet/pkg/backend/auto"   // registers auto
 	_ "github.com/flatnet-io/flatnet/pkg/backend/hostgw" // registers host-gw
+	_ "github.com/flatnet-io/flatnet/pkg/backend/vxlan"  // registers vxlan
 	"github.com/flatnet-io/flatnet/pkg/datastore"
 	"github.com/flatnet-io/flatnet/pkg/nat"
 	"github.com/flatnet-io/flatnet/pkg/reconcile"
@@ -85,13 +87,18 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("node setup: %w", err)
 	}
 
-	// 4. Peer reconcile, on every lease change, on route deletions, and
-	// periodically to repair drift.
+	// 4. Peer reconcile, on every lease change, when something it made is
+	// deleted, and periodically to repair drift.
 	snapshots, err := ds.Watch(ctx)
 	if err != nil {
 		return err
 	}
-	routeGone := watchRouteDeletions(ctx, log)
+	overlayDev := ""
+	if ov, ok := be.(reconcile.Overlay); ok {
+		overlayDev = ov.DeviceName()
+	}
+	deleted := watchDeletions(ctx, overlayDev, log)
+	self.Subnet = lease.Subnet
 	rec := &reconcile.Reconciler{Backend: be, Self: self, Log: log}
 	cluster := netip.MustParsePrefix(cfg.ClusterCIDR)
 	leases := []datastore.Lease{lease}
@@ -159,7 +166,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			}
 			leases = next
 			sync()
-		case <-routeGone:
+		case <-deleted:
 			sync()
 		case <-resync.C:
 			if err := setupNode(cfg, lease, mtu, inst, log); err != nil {
@@ -214,31 +221,65 @@ func nodeIPs(self netip.Addr, leases []datastore.Lease) []netip.Addr {
 	return out
 }
 
-// watchRouteDeletions signals when someone deletes one of flatnet's routes,
-// so it is put back at once rather than at the next resync.
-func watchRouteDeletions(ctx context.Context, log *slog.Logger) <-chan struct{} {
+// watchDeletions signals when someone deletes what the reconciler made:
+// one of flatnet's routes, the overlay device (the kernel drops its routes
+// without telling), or a neighbour or FDB entry on it. The next sync puts
+// it back at once rather than at the next resync.
+func watchDeletions(ctx context.Context, overlayDev string, log *slog.Logger) <-chan struct{} {
 	out := make(chan struct{}, 1)
-	updates := make(chan netlink.RouteUpdate, 64)
-	err := netlink.RouteSubscribeWithOptions(updates, ctx.Done(), netlink.RouteSubscribeOptions{
-		ErrorCallback: func(err error) {
+	signal := func() {
+		select {
+		case out <- struct{}{}:
+		default:
+		}
+	}
+	warn := func(what string) func(error) {
+		return func(err error) {
 			if ctx.Err() == nil {
-				log.Warn("route event subscription", "err", err)
+				log.Warn(what+" event subscription", "err", err)
 			}
-		},
-	})
-	if err != nil {
-		log.Warn("no route events; relying on periodic resync", "err", err)
+		}
+	}
+	routes := make(chan netlink.RouteUpdate, 64)
+	forward(log, "route", routes, netlink.RouteSubscribeWithOptions(routes, ctx.Done(), netlink.RouteSubscribeOptions{ErrorCallback: warn("route")}),
+		func(u netlink.RouteUpdate) bool {
+			return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol
+		}, signal)
+	if overlayDev == "" {
 		return out
+	}
+	links := make(chan netlink.LinkUpdate, 64)
+	forward(log, "link", links, netlink.LinkSubscribeWithOptions(links, ctx.Done(), netlink.LinkSubscribeOptions{ErrorCallback: warn("link")}),
+		func(u netlink.LinkUpdate) bool {
+			return u.Header.Type == unix.RTM_DELLINK && u.Link != nil && u.Link.Attrs().Name == overlayDev
+		}, signal)
+	neighs := make(chan netlink.NeighUpdate, 256)
+	forward(log, "neighbour", neighs, netlink.NeighSubscribeWithOptions(neighs, ctx.Done(), netlink.NeighSubscribeOptions{ErrorCallback: warn("neighbour")}),
+		func(u netlink.NeighUpdate) bool {
+			// Every entry on the overlay device is ours (it learns nothing);
+			// a deleted neighbour is reported as failed, not permanent, so
+			// its state cannot tell.
+			if u.Type != unix.RTM_DELNEIGH {
+				return false
+			}
+			l, err := netlink.LinkByIndex(u.LinkIndex)
+			return err == nil && l.Attrs().Name == overlayDev
+		}, signal)
+	return out
+}
+
+// forward calls signal for every update that matches, until the
+// subscription ends; if subscribing failed, only the resync is left.
+func forward[T any](log *slog.Logger, what string, updates <-chan T, subscribeErr error, match func(T) bool, signal func()) {
+	if subscribeErr != nil {
+		log.Warn("no "+what+" events; relying on periodic resync", "err", subscribeErr)
+		return
 	}
 	go func() {
 		for u := range updates {
-			if u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol {
-				select {
-				case out <- struct{}{}:
-				default:
-				}
+			if match(u) {
+				signal()
 			}
 		}
 	}()
-	return out
 }

@@ -22,6 +22,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/flatnet-io/flatnet/pkg/backend/auto"
+	"github.com/flatnet-io/flatnet/pkg/backend/vxlan"
 	"github.com/flatnet-io/flatnet/pkg/cidr"
 	"github.com/flatnet-io/flatnet/pkg/dataplane"
 )
@@ -69,9 +71,9 @@ func Defaults() Config {
 		NodeName:        host,
 		ClusterCIDR:     "10.244.0.0/16",
 		SubnetLen:       24,
-		Backend:         "host-gw",
-		VXLANVNI:        1,
-		VXLANPort:       8472,
+		Backend:         auto.Name,
+		VXLANVNI:        vxlan.DefaultVNI,
+		VXLANPort:       vxlan.DefaultPort,
 		Bridge:          dataplane.DefaultBridge,
 		Datastore:       "etcd",
 		EtcdEndpoints:   "http://127.0.0.1:2379",
@@ -113,7 +115,7 @@ func ParseFlags(args []string) (Config, error) {
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "this node's name")
 	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "pod network of the whole cluster")
 	fs.IntVar(&c.SubnetLen, "subnet-len", c.SubnetLen, "prefix length of each node's pod subnet")
-	fs.StringVar(&c.Backend, "backend", c.Backend, "how peers are reached: host-gw, vxlan or auto")
+	fs.StringVar(&c.Backend, "backend", c.Backend, "how peers are reached: auto (direct route to peers on this segment, VXLAN to the others), vxlan or host-gw")
 	fs.IntVar(&c.VXLANVNI, "vxlan-vni", c.VXLANVNI, "VXLAN network identifier")
 	fs.IntVar(&c.VXLANPort, "vxlan-port", c.VXLANPort, "VXLAN UDP port")
 	fs.IntVar(&c.MTU, "mtu", c.MTU, "pod MTU (0: underlay MTU minus the backend's overhead)")

@@ -29,6 +29,9 @@ type Node struct {
 	// Underlays are the underlay interface's own prefixes, e.g.
 	// 10.99.0.11/24: a peer inside one of them is on-link.
 	Underlays []netip.Prefix
+	// Subnet is this node's pod subnet: unknown (zero) in Prepare, which
+	// runs before the lease is taken, and set for Plan.
+	Subnet netip.Prefix
 }
 
 // OnLink reports whether ip is directly reachable on the underlay segment.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/flatnet-io/flatnet/pkg/backend"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
 )
@@ -132,13 +133,17 @@ func (s *State) Check(ctx context.Context) (*Report, error) {
 		}
 		add("pod-internet", from, inet, nodeOf[src.Node].UnderlayIP, "the node's IP (masquerade at the edge)")
 	}
+	modes := s.peerModes(ctx)
 	for _, n := range s.Nodes {
 		for _, dst := range s.Pods {
-			want := n.UnderlayIP
-			if dst.Node == n.Name {
+			want, why := n.UnderlayIP, "the node's own address"
+			switch {
+			case dst.Node == n.Name:
 				want = gatewayOf(n.Subnet) // own pods are reached from the bridge
+			case modes[n.Name][dst.Node] == string(backend.Overlay):
+				want, why = gatewayOf(n.Subnet), "the node's pod gateway address, which it sends into the overlay from so that replies come back through it"
 			}
-			add("node-pod", nodes[n.Name], pods[dst.Name], want, "the node's own address")
+			add("node-pod", nodes[n.Name], pods[dst.Name], want, why)
 		}
 	}
 
@@ -194,6 +199,21 @@ func (s *State) Check(ctx context.Context) (*Report, error) {
 }
 
 func gatewayOf(p netip.Prefix) netip.Addr { return p.Masked().Addr().Next() }
+
+// peerModes asks every agent how it reaches each peer: node -> peer ->
+// "direct" or "overlay" (missing when the agent does not answer).
+func (s *State) peerModes(ctx context.Context) map[string]map[string]string {
+	out := map[string]map[string]string{}
+	for _, n := range s.Nodes {
+		out[n.Name] = map[string]string{}
+		if st, err := s.AgentStatus(ctx, n); err == nil {
+			for _, p := range st.Peers {
+				out[n.Name][p.Node] = p.Mode
+			}
+		}
+	}
+	return out
+}
 
 // registryProbe is the seed's example: a registry on a pod of one node; a
 // pod on another node says "I am at <ip>:<port>"; the registry checks that

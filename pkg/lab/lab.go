@@ -141,7 +141,7 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("--pods-per-node %d: want 0-200", o.PodsPerNode)
 	}
 	if o.Backend == "" {
-		o.Backend = "host-gw"
+		o.Backend = "auto"
 	}
 	switch o.Datastore {
 	case "", DatastoreEtcd:

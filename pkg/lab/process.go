@@ -193,6 +193,30 @@ func (s *State) StopAgent(n *Node, sig syscall.Signal) error {
 	return nil
 }
 
+// ReaddressNode restarts node n with a new underlay address, as a machine
+// that comes back from maintenance with another IP: its agent is stopped,
+// eth0 gets addr (which must be in n's rack) instead of the old address,
+// and the agent is started again and waited for. Pods stay.
+func (s *State) ReaddressNode(ctx context.Context, n *Node, addr netip.Prefix) error {
+	if err := s.StopAgent(n, syscall.SIGTERM); err != nil {
+		return err
+	}
+	h, err := ns.GetNS(nsutil.Path(n.NetNS))
+	if err != nil {
+		return err
+	}
+	err = setUnderlay(h, n.Rack, n.Underlay, addr)
+	h.Close()
+	if err != nil {
+		return fmt.Errorf("node %s: %w", n.Name, err)
+	}
+	n.Underlay, n.UnderlayIP = addr, addr.Addr()
+	if err := s.StartAgent(n); err != nil {
+		return err
+	}
+	return s.WaitReady(ctx, n, 60*time.Second)
+}
+
 // AgentStatus asks node n's agent for its /status.
 func (s *State) AgentStatus(ctx context.Context, n *Node) (*agent.Status, error) {
 	h, err := ns.GetNS(nsutil.Path(n.NetNS))

@@ -46,8 +46,13 @@ func nodeIP(rack, i int) netip.Prefix {
 // addresses only, never pod subnets: pod traffic must be routed by the
 // nodes themselves or encapsulated.
 func buildHub(hub, inet ns.NetNS, racks int) error {
-	if err := nsutil.SetSysctl(hub, "net/ipv4/ip_forward", "1"); err != nil {
-		return err
+	// A router forwards by destination only: packets from pods to node
+	// addresses (never masqueraded) pass it although it has no route back
+	// to pod subnets, whatever rp_filter this machine's namespaces inherit.
+	for key, v := range map[string]string{"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/rp_filter": "0", "net/ipv4/conf/default/rp_filter": "0"} {
+		if err := nsutil.SetSysctl(hub, key, v); err != nil {
+			return err
+		}
 	}
 	err := hub.Do(func(ns.NetNS) error {
 		for r := 1; r <= racks; r++ {
@@ -129,6 +134,29 @@ func connect(a ns.NetNS, aName string, aAddr netip.Prefix, aBridge string, b ns.
 			}
 		}
 		return nil
+	})
+}
+
+// setUnderlay gives a node's eth0 a new address (in its rack's segment)
+// in place of old, and its default route via the rack's router again:
+// removing the last address took that route with it.
+func setUnderlay(node ns.NetNS, rack int, old, addr netip.Prefix) error {
+	if !segmentOf(rack).router.Masked().Contains(addr.Addr()) || addr.Bits() != 24 {
+		return fmt.Errorf("%s is not an address in rack %d's segment %s", addr, rack, segmentOf(rack).router.Masked())
+	}
+	return node.Do(func(ns.NetNS) error {
+		l, err := netlinksafe.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrDel(l, &netlink.Addr{IPNet: dataplane.PrefixToIPNet(old)}); err != nil {
+			return fmt.Errorf("remove %s: %w", old, err)
+		}
+		if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: dataplane.PrefixToIPNet(addr)}); err != nil {
+			return fmt.Errorf("add %s: %w", addr, err)
+		}
+		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index,
+			Dst: dataplane.PrefixToIPNet(netip.MustParsePrefix("0.0.0.0/0")), Gw: segmentOf(rack).router.Addr().AsSlice()})
 	})
 }
 

@@ -22,9 +22,14 @@ import (
 )
 
 // Overlay is implemented by backends that own a tunnel device: the
-// reconciler prunes that device's neighbour and FDB entries too.
+// reconciler has the device (re)made before planning, and prunes that
+// device's neighbour and FDB entries too.
 type Overlay interface {
-	Device() (netlink.Link, error)
+	// EnsureDevice returns the tunnel device, re-creating it if it was
+	// deleted or changed.
+	EnsureDevice() (netlink.Link, error)
+	// DeviceName names the device, for watching its deletion.
+	DeviceName() string
 }
 
 // Reconciler programs peers for one node.
@@ -48,6 +53,16 @@ func (r *Result) count(kind string) { r.Changes[kind]++ }
 // problems are in Result.Failed.
 func (r *Reconciler) Sync(own datastore.Lease, leases []datastore.Lease) (*Result, error) {
 	res := &Result{Failed: map[string]error{}, Changes: map[string]int{}}
+	var errs []error
+	// The device first: if it had to be re-created, the plans must name
+	// the new one.
+	var dev netlink.Link
+	if ov, ok := r.Backend.(Overlay); ok {
+		var err error
+		if dev, err = ov.EnsureDevice(); err != nil {
+			errs = append(errs, fmt.Errorf("overlay device: %w", err))
+		}
+	}
 	desired := map[string]backend.Plan{} // by destination subnet
 	for _, l := range leases {
 		if l.Node == own.Node {
@@ -62,12 +77,14 @@ func (r *Reconciler) Sync(own datastore.Lease, leases []datastore.Lease) (*Resul
 			res.Failed[l.Node] = err
 			continue
 		}
+		if p.FDB != nil && dev == nil {
+			res.Failed[l.Node] = fmt.Errorf("peer %s needs the overlay device, which is missing: %w", l.Node, errors.Join(errs...))
+		}
 		desired[p.Route.Dst.String()] = p
 	}
 
-	var errs []error
-	if ov, ok := r.Backend.(Overlay); ok {
-		if err := r.syncOverlay(ov, desired, res); err != nil {
+	if dev != nil {
+		if err := r.syncOverlay(dev, desired, res); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -125,23 +142,19 @@ func (r *Reconciler) syncRoutes(desired map[string]backend.Plan, res *Result) er
 }
 
 func sameRoute(a, b netlink.Route) bool {
-	return a.LinkIndex == b.LinkIndex && a.Gw.Equal(b.Gw) &&
+	return a.LinkIndex == b.LinkIndex && a.Gw.Equal(b.Gw) && a.Src.Equal(b.Src) &&
 		a.Flags&int(netlink.FLAG_ONLINK) == b.Flags&int(netlink.FLAG_ONLINK)
 }
 
 // syncOverlay makes the tunnel device's permanent neighbour entries and
 // FDB entries exactly those of the overlay peers. Neighbour and FDB come
 // before the route, so the first packet routed to a peer can be sent.
-func (r *Reconciler) syncOverlay(ov Overlay, desired map[string]backend.Plan, res *Result) error {
-	dev, err := ov.Device()
-	if err != nil {
-		return err
-	}
+func (r *Reconciler) syncOverlay(dev netlink.Link, desired map[string]backend.Plan, res *Result) error {
 	idx := dev.Attrs().Index
 	wantNeigh := map[string]backend.Plan{} // by IP
 	wantFDB := map[string]backend.Plan{}   // by MAC
 	for _, p := range desired {
-		if p.Neigh != nil && p.FDB != nil {
+		if _, failed := res.Failed[p.Peer]; !failed && p.Neigh != nil && p.FDB != nil {
 			wantNeigh[p.Neigh.IP.String()] = p
 			wantFDB[p.FDB.HardwareAddr.String()] = p
 		}
