@@ -50,13 +50,21 @@ func newKubeLab(t *testing.T, o lab.Options) (*lab.State, kubernetes.Interface) 
 }
 
 // Every node gets its podCIDR, publishes itself on its Node and reports
-// its network available; pods on all nodes pass the whole matrix. The
-// agents have only what deploy/flatnet.yaml gives them: the service
-// account's token and CAP_NET_ADMIN.
+// its network available; pods on all nodes pass the whole matrix, across
+// two racks with the manifest's backend (auto: direct in a rack, VXLAN
+// between racks). The agents have only what deploy/flatnet.yaml gives
+// them: the service account's token and CAP_NET_ADMIN.
 func TestKubeLabMatrix(t *testing.T) {
-	s, cs := newKubeLab(t, lab.Options{Nodes: 3, PodsPerNode: 2, Backend: "host-gw", LeastPrivilege: true})
+	s, cs := newKubeLab(t, lab.Options{Nodes: 3, PodsPerNode: 2, Backend: "auto", Topology: "racks", LeastPrivilege: true})
 	mustCheck(t, s)
 	ctx := context.Background()
+	// n1 and n3 share rack 1, n2 is alone in rack 2.
+	want := map[string][2]string{"n1": {"n3", "n2"}, "n2": {"", "n1,n3"}, "n3": {"n1", "n2"}}
+	for _, ns := range s.Status(ctx).Nodes {
+		if got := [2]string{strings.Join(ns.Direct, ","), strings.Join(ns.Overlay, ",")}; got != want[ns.Name] {
+			t.Errorf("%s reaches %v direct and %v through the overlay, want %v", ns.Name, ns.Direct, ns.Overlay, want[ns.Name])
+		}
+	}
 	for _, n := range s.Nodes {
 		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.Agent.PID))
 		if err != nil {
@@ -74,7 +82,8 @@ func TestKubeLabMatrix(t *testing.T) {
 			t.Errorf("%s: agent uses %s, the Node's podCIDR is %q", n.Name, n.Subnet, node.Spec.PodCIDR)
 		}
 		a := node.Annotations
-		if a[kube.UnderlayIPAnnotation] != n.UnderlayIP.String() || a[kube.BackendAnnotation] != "host-gw" {
+		if a[kube.UnderlayIPAnnotation] != n.UnderlayIP.String() || a[kube.BackendAnnotation] != "auto" ||
+			!strings.Contains(a[kube.BackendDataAnnotation], `"vtepMAC":"0e:fa:`) {
 			t.Errorf("%s: annotations %v", n.Name, a)
 		}
 		if c := condition(node, corev1.NodeNetworkUnavailable); c == nil || c.Status != corev1.ConditionFalse || c.Reason != kube.ReadyReason {
