@@ -24,7 +24,7 @@ import (
 // Stopping (SIGTERM) or dying (SIGKILL) leaves the data plane and the lease
 // in place; a restarted agent adopts what it finds, so pods keep talking.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
-	be, err := backend.New(cfg.Backend, backend.Options{VNI: cfg.VXLANVNI, Port: cfg.VXLANPort})
+	be, err := backend.New(cfg.Backend, backend.Options{VNI: cfg.VXLANVNI, Port: cfg.VXLANPort, ChecksumOffload: cfg.VXLANChecksumOffload})
 	if err != nil {
 		return err
 	}

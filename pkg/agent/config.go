@@ -38,9 +38,11 @@ type Config struct {
 	Backend     string `json:"backend"`
 	VXLANVNI    int    `json:"vxlanVNI"`
 	VXLANPort   int    `json:"vxlanPort"`
-	MTU         int    `json:"mtu"`
-	Iface       string `json:"iface"`
-	Bridge      string `json:"bridge"`
+	// VXLANChecksumOffload: auto (off only on kernels < 5.7), on, off.
+	VXLANChecksumOffload string `json:"vxlanChecksumOffload"`
+	MTU                  int    `json:"mtu"`
+	Iface                string `json:"iface"`
+	Bridge               string `json:"bridge"`
 
 	Datastore     string        `json:"datastore"`
 	EtcdEndpoints string        `json:"etcdEndpoints"`
@@ -68,29 +70,30 @@ type Config struct {
 func Defaults() Config {
 	host, _ := os.Hostname()
 	return Config{
-		NodeName:        host,
-		ClusterCIDR:     "10.244.0.0/16",
-		SubnetLen:       24,
-		Backend:         auto.Name,
-		VXLANVNI:        vxlan.DefaultVNI,
-		VXLANPort:       vxlan.DefaultPort,
-		Bridge:          dataplane.DefaultBridge,
-		Datastore:       "etcd",
-		EtcdEndpoints:   "http://127.0.0.1:2379",
-		EtcdPrefix:      "/flatnet",
-		LeaseTTL:        10 * time.Minute,
-		StateDir:        "/var/lib/flatnet",
-		RunDir:          "/run/flatnet",
-		CNIConfDir:      "/etc/cni/net.d",
-		CNIConfName:     "10-flatnet.conflist",
-		CNIBinDir:       "/opt/cni/bin",
-		CNINetworkName:  "flatnet",
-		CNIVersion:      "1.1.0",
-		InstallInterval: 2 * time.Second,
-		ResyncInterval:  10 * time.Second,
-		Listen:          ":9645",
-		LogLevel:        "info",
-		LogFormat:       "text",
+		NodeName:             host,
+		ClusterCIDR:          "10.244.0.0/16",
+		SubnetLen:            24,
+		Backend:              auto.Name,
+		VXLANVNI:             vxlan.DefaultVNI,
+		VXLANPort:            vxlan.DefaultPort,
+		VXLANChecksumOffload: "auto",
+		Bridge:               dataplane.DefaultBridge,
+		Datastore:            "etcd",
+		EtcdEndpoints:        "http://127.0.0.1:2379",
+		EtcdPrefix:           "/flatnet",
+		LeaseTTL:             10 * time.Minute,
+		StateDir:             "/var/lib/flatnet",
+		RunDir:               "/run/flatnet",
+		CNIConfDir:           "/etc/cni/net.d",
+		CNIConfName:          "10-flatnet.conflist",
+		CNIBinDir:            "/opt/cni/bin",
+		CNINetworkName:       "flatnet",
+		CNIVersion:           "1.0.0", // containerd 1.6/1.7 reject 1.1.0 results; 1.1.0 adds GC and STATUS
+		InstallInterval:      2 * time.Second,
+		ResyncInterval:       10 * time.Second,
+		Listen:               ":9645",
+		LogLevel:             "info",
+		LogFormat:            "text",
 	}
 }
 
@@ -118,6 +121,7 @@ func ParseFlags(args []string) (Config, error) {
 	fs.StringVar(&c.Backend, "backend", c.Backend, "how peers are reached: auto (direct route to peers on this segment, VXLAN to the others), vxlan or host-gw")
 	fs.IntVar(&c.VXLANVNI, "vxlan-vni", c.VXLANVNI, "VXLAN network identifier")
 	fs.IntVar(&c.VXLANPort, "vxlan-port", c.VXLANPort, "VXLAN UDP port")
+	fs.StringVar(&c.VXLANChecksumOffload, "vxlan-checksum-offload", c.VXLANChecksumOffload, "tx checksum offload on the VXLAN device: auto (off only on kernels < 5.7, which corrupt NATed VXLAN checksums), on, off")
 	fs.IntVar(&c.MTU, "mtu", c.MTU, "pod MTU (0: underlay MTU minus the backend's overhead)")
 	fs.StringVar(&c.Iface, "iface", c.Iface, "underlay interface (default: the one holding the default route)")
 	fs.StringVar(&c.Bridge, "bridge", c.Bridge, "node bridge name")
@@ -199,6 +203,9 @@ func (c Config) Validate() error {
 	}
 	if c.ResyncInterval <= 0 || c.InstallInterval <= 0 || c.LeaseTTL < 2*time.Second {
 		errs = append(errs, errors.New("--resync-interval and --install-interval must be positive, --lease-ttl at least 2s"))
+	}
+	if o := c.VXLANChecksumOffload; o != "auto" && o != "on" && o != "off" {
+		errs = append(errs, fmt.Errorf("--vxlan-checksum-offload %q: want auto, on or off", o))
 	}
 	if c.VXLANVNI < 1 || c.VXLANVNI > 1<<24-1 || c.VXLANPort < 1 || c.VXLANPort > 65535 {
 		errs = append(errs, fmt.Errorf("--vxlan-vni %d / --vxlan-port %d out of range", c.VXLANVNI, c.VXLANPort))

@@ -81,6 +81,9 @@ type Factory func(Options) (Backend, error)
 type Options struct {
 	VNI  int // VXLAN network identifier
 	Port int // VXLAN UDP port
+	// ChecksumOffload is the VXLAN device's tx checksum offload policy:
+	// "auto" (off only on kernels with the NAT checksum bug), "on", "off".
+	ChecksumOffload string
 }
 
 var registry = map[string]Factory{}

@@ -85,6 +85,7 @@ func DeviceName(vni int) string { return "flatnet." + strconv.Itoa(vni) }
 // then recreate the device at any time.
 type VXLAN struct {
 	vni, port int
+	csum      bool // tx checksum offload wanted on the device
 
 	mu    sync.Mutex
 	self  backend.Node
@@ -108,6 +109,16 @@ func New(o backend.Options) (*VXLAN, error) {
 	}
 	if v.port < 1 || v.port > 65535 {
 		return nil, fmt.Errorf("VXLAN port %d: want 1-65535", v.port)
+	}
+	switch o.ChecksumOffload {
+	case "", "auto":
+		v.csum = ChecksumOffloadByDefault()
+	case "on":
+		v.csum = true
+	case "off":
+		v.csum = false
+	default:
+		return nil, fmt.Errorf("VXLAN checksum offload %q: want auto, on or off", o.ChecksumOffload)
 	}
 	return v, nil
 }
@@ -191,7 +202,7 @@ func (v *VXLAN) EnsureDevice() (netlink.Link, error) {
 			return nil, fmt.Errorf("%s mtu %d: %w", want.Name, want.MTU, err)
 		}
 	}
-	if err := disableTxChecksumOffload(want.Name); err != nil {
+	if err := setTxChecksumOffload(want.Name, v.csum); err != nil {
 		return nil, err
 	}
 	if link.Attrs().Flags&net.FlagUp == 0 {
@@ -209,31 +220,54 @@ func compatible(l netlink.Link, want *netlink.Vxlan) bool {
 		vx.VtepDevIndex == want.VtepDevIndex && !vx.Learning
 }
 
-// TxChecksumFeature is the offload disableTxChecksumOffload turns off.
+// TxChecksumFeature is the offload setTxChecksumOffload controls.
 const TxChecksumFeature = "tx-checksum-ip-generic"
 
-// disableTxChecksumOffload makes the kernel checksum inner packets in
-// software before encapsulating them. Why: with the offload on, a VXLAN
-// packet whose outer header is rewritten by NAT on its way out (kube-proxy
-// masquerading with --random-fully) leaves with a bad checksum on affected
-// kernels and NICs and is dropped by the receiver; connections then hang
-// for ~63 s of SYN retries (flannel issue 1279, whose workaround is
-// `ethtool -K flannel.1 tx-checksum-ip-generic off`). It costs some CPU.
-func disableTxChecksumOffload(dev string) error {
+// checksumBugKernel reports kernels older than 5.7. Why it matters: there,
+// a VXLAN packet whose outer UDP header is rewritten by NAT on its way out
+// (kube-proxy masquerading with --random-fully) leaves with a bad checksum
+// when the device offloads checksums, and the receiver drops it;
+// connections hang for ~63 s of SYN retries (flannel issue 1279,
+// calico issue 3145; fixed by kernel commit ea64d8d6c675 in 5.7). Turning
+// the offload off costs a lot (no checksum offload means no TSO: about 5x
+// less TCP throughput on this machine), so flatnet does it only where the
+// bug exists, as Calico does, and --vxlan-checksum-offload overrides it.
+func checksumBugKernel(release string) bool {
+	var major, minor int
+	if _, err := fmt.Sscanf(release, "%d.%d", &major, &minor); err != nil {
+		return true // unknown: be safe
+	}
+	return major < 5 || major == 5 && minor < 7
+}
+
+// ChecksumOffloadByDefault is what the "auto" policy chooses on this kernel.
+func ChecksumOffloadByDefault() bool { return !checksumBugKernel(kernelRelease()) }
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// setTxChecksumOffload turns the device's tx checksum offload on or off
+// (via the ethtool ioctl), and checks that the kernel took it.
+func setTxChecksumOffload(dev string, want bool) error {
 	e, err := ethtool.NewEthtool()
 	if err != nil {
 		return fmt.Errorf("ethtool: %w", err)
 	}
 	defer e.Close()
 	on, err := TxChecksumOffload(e, dev)
-	if err != nil || !on {
+	if err != nil || on == want {
 		return err
 	}
-	if err := e.Change(dev, map[string]bool{TxChecksumFeature: false}); err != nil {
-		return fmt.Errorf("turn off %s on %s: %w", TxChecksumFeature, dev, err)
+	if err := e.Change(dev, map[string]bool{TxChecksumFeature: want}); err != nil {
+		return fmt.Errorf("set %s=%v on %s: %w", TxChecksumFeature, want, dev, err)
 	}
-	if on, err = TxChecksumOffload(e, dev); err == nil && on {
-		err = fmt.Errorf("%s on %s is still on after turning it off", TxChecksumFeature, dev)
+	if on, err = TxChecksumOffload(e, dev); err == nil && on != want {
+		err = fmt.Errorf("%s on %s is still %v", TxChecksumFeature, dev, on)
 	}
 	return err
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -97,8 +98,8 @@ func TestPrepareCreatesTheDevice(t *testing.T) {
 	if want := (datastore.BackendData{VTEPMAC: "0e:fa:0a:63:01:0b", VNI: 1, Port: 8472}); data != want {
 		t.Errorf("lease data %+v, want %+v", data, want)
 	}
-	if csum {
-		t.Errorf("tx checksum offload is still on")
+	if want := vxlan.ChecksumOffloadByDefault(); csum != want {
+		t.Errorf("tx checksum offload on = %v on kernel %s, want %v", csum, kernelReleaseForTest(), want)
 	}
 	vx := device(t, h, "flatnet.1")
 	if vx.VxlanId != 1 || vx.Port != 8472 || vx.Learning || !vx.SrcAddr.Equal(net.IPv4(10, 99, 1, 11)) ||
@@ -243,5 +244,42 @@ func TestBadOptions(t *testing.T) {
 		if _, err := vxlan.New(o); err == nil {
 			t.Errorf("%+v accepted", o)
 		}
+	}
+}
+
+func kernelReleaseForTest() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	return strings.TrimSpace(string(b))
+}
+
+func TestChecksumOffloadPolicy(t *testing.T) {
+	for _, tc := range []struct {
+		policy string
+		want   bool
+	}{{"off", false}, {"on", true}} {
+		h, self := node(t)
+		v := newVXLAN(t, backend.Options{ChecksumOffload: tc.policy})
+		var on bool
+		err := h.Do(func(ns.NetNS) error {
+			if _, _, err := v.Prepare(context.Background(), self); err != nil {
+				return err
+			}
+			e, err := ethtool.NewEthtool()
+			if err != nil {
+				return err
+			}
+			defer e.Close()
+			on, err = vxlan.TxChecksumOffload(e, "flatnet.1")
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if on != tc.want {
+			t.Errorf("--vxlan-checksum-offload %s: offload on = %v", tc.policy, on)
+		}
+	}
+	if _, err := vxlan.New(backend.Options{ChecksumOffload: "maybe"}); err == nil {
+		t.Error("policy \"maybe\" accepted")
 	}
 }
