@@ -471,7 +471,9 @@ func TestFailedAddReleasesAddressAndVeth(t *testing.T) {
 	// A natural failure after IPAM: the pod already has an eth0.
 	n := newNode(t, "1.0.0", nil)
 	h := testutil.NewNS(t, "busy")
-	if err := h.Do(func(ns.NetNS) error { return netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}}) }); err != nil {
+	if err := h.Do(func(ns.NetNS) error {
+		return netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}})
+	}); err != nil {
 		t.Fatal(err)
 	}
 	_, err := n.rt.Add(ctx(t), cniruntime.Attachment{ContainerID: "busy", NetNS: h.Path(), IfName: "eth0"})
@@ -522,7 +524,11 @@ func TestBadInputGetsCNIErrorCodes(t *testing.T) {
 		{"unsupported version", baseEnv("ADD"), `{"cniVersion":"0.2.0","name":"fntnet","type":"flatnet","subnet":"10.1.0.0/24"}`, types.ErrIncompatibleCNIVersion, ""},
 		{"future version", baseEnv("ADD"), `{"cniVersion":"9.9.9","name":"fntnet","type":"flatnet","subnet":"10.1.0.0/24"}`, types.ErrIncompatibleCNIVersion, ""},
 		{"missing CNI_CONTAINERID", func() map[string]string { e := baseEnv("ADD"); delete(e, "CNI_CONTAINERID"); return e }(), good(`,"subnet":"10.1.0.0/24"`), types.ErrInvalidEnvironmentVariables, ""},
-		{"missing netns", func() map[string]string { e := baseEnv("ADD"); e["CNI_NETNS"] = "/run/netns/fnt-does-not-exist"; return e }(), good(`,"subnet":"10.1.0.0/24"`), types.ErrInvalidEnvironmentVariables, "fnt-does-not-exist"},
+		{"missing netns", func() map[string]string {
+			e := baseEnv("ADD")
+			e["CNI_NETNS"] = "/run/netns/fnt-does-not-exist"
+			return e
+		}(), good(`,"subnet":"10.1.0.0/24"`), types.ErrInvalidEnvironmentVariables, "fnt-does-not-exist"},
 		{"undecodable", baseEnv("ADD"), `{"cniVersion":"1.0.0","name":"fntnet","type":"flatnet","mtu":"big"}`, types.ErrDecodingFailure, ""},
 		{"not json", baseEnv("ADD"), `cniVersion: 1.0.0`, types.ErrDecodingFailure, ""},
 		{"/33", baseEnv("ADD"), good(`,"subnet":"10.0.0.0/33"`), types.ErrInvalidNetworkConfig, "10.0.0.0/33"},

@@ -88,4 +88,3 @@ func ExpectSource(ctx context.Context, h ns.NetNS, addr string, want netip.Addr)
 	}
 	return nil
 }
-

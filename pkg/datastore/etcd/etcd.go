@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -51,6 +52,9 @@ type Config struct {
 	DialTimeout time.Duration
 	// Logger receives warnings about retries and lost leases (default slog.Default()).
 	Logger *slog.Logger
+	// Dial, if set, opens connections to etcd (e.g. from inside another
+	// network namespace, as the lab's tools do).
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // Defaults.
@@ -121,10 +125,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		DialKeepAliveTimeout: 5 * time.Second,
 		Logger:               zap.NewNop(), // we log what matters ourselves
 		// Reconnect quickly after an etcd outage (gRPC's default backs off up to 2 minutes).
-		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
-			MinConnectTimeout: cfg.DialTimeout,
-		})},
+		DialOptions: dialOptions(cfg),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)
@@ -146,6 +147,17 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	}
 	s.bg = datastore.NewGroup()
 	return s, nil
+}
+
+func dialOptions(cfg Config) []grpc.DialOption {
+	opts := []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+		MinConnectTimeout: cfg.DialTimeout,
+	})}
+	if cfg.Dial != nil {
+		opts = append(opts, grpc.WithContextDialer(cfg.Dial))
+	}
+	return opts
 }
 
 func validate(cfg Config) error {
@@ -192,6 +204,12 @@ func (s *Store) Close() error {
 func (s *Store) LeaseHeld() bool { return s.held.Load() }
 
 // ---- keys and values ----
+
+// Key is the etcd key that holds the lease of subnet p.
+func (s *Store) Key(p netip.Prefix) string { return s.key(p) }
+
+// Client is the store's etcd client (for tools that inspect or edit keys).
+func (s *Store) Client() *clientv3.Client { return s.cli }
 
 func (s *Store) key(p netip.Prefix) string {
 	return s.subnetsKey + p.Addr().String() + "-" + strconv.Itoa(p.Bits())
