@@ -11,17 +11,26 @@ import (
 // ValidateSubnet accepts an IPv4 network address with room for a gateway
 // and at least one pod (/30 or larger).
 func ValidateSubnet(p netip.Prefix) error {
-	if !p.IsValid() {
-		return errors.New("subnet is missing or not a valid CIDR")
-	}
-	if !p.Addr().Is4() {
-		return fmt.Errorf("subnet %s: only IPv4 is supported", p)
-	}
-	if p.Masked() != p {
-		return fmt.Errorf("subnet %s is not a network address (did you mean %s?)", p, p.Masked())
+	if err := ValidateNetwork("subnet", p); err != nil {
+		return err
 	}
 	if p.Bits() > 30 {
 		return fmt.Errorf("subnet %s is too small: need /30 or larger", p)
+	}
+	return nil
+}
+
+// ValidateNetwork requires an IPv4 network address; what names the prefix
+// in the error.
+func ValidateNetwork(what string, p netip.Prefix) error {
+	if !p.IsValid() {
+		return fmt.Errorf("%s is missing or not a valid CIDR", what)
+	}
+	if !p.Addr().Is4() {
+		return fmt.Errorf("%s %s: only IPv4 is supported", what, p)
+	}
+	if p.Masked() != p {
+		return fmt.Errorf("%s %s is not a network address (did you mean %s?)", what, p, p.Masked())
 	}
 	return nil
 }

@@ -36,17 +36,24 @@ func Funcs() skel.CNIFuncs {
 	return skel.CNIFuncs{Add: Add, Del: Del, Check: Check, GC: GC, Status: Status}
 }
 
+// attachment is what ADD and CHECK both start from: the config, the
+// node's network and the pod's namespace.
+func attachment(args *skel.CmdArgs, conf *NetConf) (Network, ns.NetNS, error) {
+	network, err := conf.ResolveNetwork()
+	if err != nil {
+		return Network{}, nil, types.NewError(types.ErrTryAgainLater, "node network not ready", err.Error())
+	}
+	podNS, err := openNetNS(args.Netns)
+	return network, podNS, err
+}
+
 // Add attaches the pod: bridge, address, veth, pod configuration.
 func Add(args *skel.CmdArgs) (err error) {
 	conf, err := ParseConfig(args.StdinData)
 	if err != nil {
 		return err
 	}
-	network, err := conf.ResolveNetwork()
-	if err != nil {
-		return types.NewError(types.ErrTryAgainLater, "node network not ready", err.Error())
-	}
-	podNS, err := openNetNS(args.Netns)
+	network, podNS, err := attachment(args, conf)
 	if err != nil {
 		return err
 	}
@@ -149,11 +156,7 @@ func Check(args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "cannot convert prevResult", err.Error())
 	}
-	network, err := conf.ResolveNetwork()
-	if err != nil {
-		return types.NewError(types.ErrTryAgainLater, "node network not ready", err.Error())
-	}
-	podNS, err := openNetNS(args.Netns)
+	network, podNS, err := attachment(args, conf)
 	if err != nil {
 		return err
 	}

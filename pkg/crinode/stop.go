@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/flatnet-io/flatnet/pkg/procutil"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -38,13 +40,7 @@ func (r *Runtime) Stop() error {
 				errs = append(errs, err)
 			}
 		}
-		r.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-r.exited:
-		case <-time.After(15 * time.Second):
-			r.cmd.Process.Kill()
-			<-r.exited
-		}
+		procutil.Stop(r.cmd.Process, r.exited, 15*time.Second)
 	}
 	// Shims survive containerd by design (a restarted containerd adopts
 	// them); ours are the ones talking to our socket.

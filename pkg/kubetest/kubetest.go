@@ -25,6 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flatnet-io/flatnet/pkg/procutil"
+
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -271,11 +273,5 @@ func (p *process) stop() {
 	if p == nil {
 		return
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(15 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.done
-	}
+	procutil.Stop(p.cmd.Process, p.done, 15*time.Second)
 }

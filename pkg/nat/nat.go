@@ -32,6 +32,8 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
+
+	"github.com/flatnet-io/flatnet/pkg/cidr"
 )
 
 // Names of the kernel objects this package owns.
@@ -59,14 +61,8 @@ type Rules struct {
 // Validate reports why r cannot be programmed, or nil.
 func (r Rules) Validate() error {
 	c := r.ClusterCIDR
-	if !c.IsValid() {
-		return errors.New("nat: cluster CIDR is missing or not a valid CIDR")
-	}
-	if !c.Addr().Is4() {
-		return fmt.Errorf("nat: cluster CIDR %s: only IPv4 is supported", c)
-	}
-	if c.Masked() != c {
-		return fmt.Errorf("nat: cluster CIDR %s is not a network address (did you mean %s?)", c, c.Masked())
+	if err := cidr.ValidateNetwork("cluster CIDR", c); err != nil {
+		return fmt.Errorf("nat: %w", err)
 	}
 	if c.Bits() == 0 {
 		// Why: with a /0 "daddr != cluster" never matches, so nothing would
