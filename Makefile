@@ -9,7 +9,7 @@ TOPOLOGY ?= flat
 
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: build test lab lab-check lab-status lab-down clean cri-tools e2e-cri bench-cri
+.PHONY: build test lab lab-check lab-status lab-down clean cri-tools e2e-cri bench-cri e2e-k8s
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/ ./cmd/...
@@ -42,6 +42,14 @@ e2e-cri: cri-tools
 	$(GO) test -race -count=1 -v -run . ./test/e2e/cri/
 
 # CRI runp latency, flatnet next to the reference bridge + host-local.
+# A Kubernetes cluster on this machine gets `kubectl apply -f deploy/flatnet.yaml`,
+# then the upstream sig-network e2e specs run against it (root; README).
+# SERVICES=1 adds the Service checks through kube-proxy.
+e2e-k8s: build cri-tools
+	hack/k8s/build.sh all >/dev/null
+	hack/k8s/netcat.sh >/dev/null
+	E2E_K8S_SERVICES=$(SERVICES) $(GO) test -race -count=1 -v -timeout 60m -run . ./test/e2e/k8s/
+
 bench-cri: build cri-tools
 	$(GO) run ./bench/crilatency -bin $(BIN) -pods 20
 

@@ -23,6 +23,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/flatnet-io/flatnet/pkg/fileutil"
+	"github.com/flatnet-io/flatnet/pkg/mountns"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 )
 
@@ -45,6 +46,11 @@ type Config struct {
 	CNIBinDir    string
 	SandboxImage string // must be imported before the first pod
 	CrictlBin    string // crictl binary
+	// MountNS, if set, is a mount namespace (pkg/mountns) containerd runs
+	// in, with the node's network namespace; CNIConfDir, CNIBinDir and
+	// SandboxImage are then as seen inside it. Dir must be the same path
+	// inside and outside.
+	MountNS string
 }
 
 // Runtime is a running containerd.
@@ -67,22 +73,23 @@ type Pod struct {
 // NetNS is the path of the pod's network namespace as seen from here.
 func (p *Pod) NetNS() string { return fmt.Sprintf("/proc/%d/ns/net", p.PID) }
 
-func (r *Runtime) socket() string     { return filepath.Join(r.Dir, "containerd.sock") }
-func (r *Runtime) stateDir() string   { return filepath.Join(r.Dir, "state") }
-func (r *Runtime) rootDir() string    { return filepath.Join(r.Dir, "root") }
-func (r *Runtime) crictlConf() string { return filepath.Join(r.Dir, "crictl.yaml") }
+// Socket is containerd's CRI endpoint.
+func (c Config) Socket() string     { return filepath.Join(c.Dir, "containerd.sock") }
+func (c Config) stateDir() string   { return filepath.Join(c.Dir, "state") }
+func (c Config) rootDir() string    { return filepath.Join(c.Dir, "root") }
+func (c Config) crictlConf() string { return filepath.Join(c.Dir, "crictl.yaml") }
 
 // PodNetNSDir holds the pods' network namespaces
 // (netns_mounts_under_state_dir).
-func (r *Runtime) PodNetNSDir() string {
-	return filepath.Join(r.stateDir(), "io.containerd.grpc.v1.cri", "netns")
+func (c Config) PodNetNSDir() string {
+	return filepath.Join(c.stateDir(), "io.containerd.grpc.v1.cri", "netns")
 }
 
 // Log is containerd's log file.
-func (r *Runtime) Log() string { return filepath.Join(r.Dir, "containerd.log") }
+func (c Config) Log() string { return filepath.Join(c.Dir, "containerd.log") }
 
 // CgroupParent is the cgroup every pod of this runtime lives under.
-func (r *Runtime) CgroupParent() string { return "/" + r.Name }
+func (c Config) CgroupParent() string { return "/" + c.Name }
 
 // config is containerd's configuration. Two settings are required on
 // machines like CI's: restrict_oom_score_adj (root there lacks
@@ -125,7 +132,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
   Root = %s
-`, q(r.rootDir()), q(r.stateDir()), q(r.socket()), q(filepath.Join(r.Dir, "opt")), q(r.SandboxImage),
+`, q(r.rootDir()), q(r.stateDir()), q(r.Socket()), q(filepath.Join(r.Dir, "opt")), q(r.SandboxImage),
 		q(r.CNIBinDir), q(r.CNIConfDir), q(filepath.Join(r.stateDir(), "runc")))
 }
 
@@ -155,7 +162,7 @@ func CheckPrograms(crictl, loopback string) error {
 // where runc finds the cgroup hierarchies), then waits for its socket.
 func Start(ctx context.Context, cfg Config) (_ *Runtime, err error) {
 	r := &Runtime{Config: cfg}
-	if len(r.socket())+len(".ttrpc") >= 108 {
+	if len(r.Socket())+len(".ttrpc") >= 108 {
 		return nil, fmt.Errorf("runtime dir %s: too long for a unix socket path", r.Dir)
 	}
 	for _, d := range []string{r.rootDir(), r.stateDir(), filepath.Join(r.Dir, "pods")} {
@@ -166,7 +173,7 @@ func Start(ctx context.Context, cfg Config) (_ *Runtime, err error) {
 	if err := fileutil.WriteAtomic(filepath.Join(r.Dir, "config.toml"), []byte(r.config()), 0o644); err != nil {
 		return nil, err
 	}
-	crictl := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n", r.socket(), r.socket())
+	crictl := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n", r.Socket(), r.Socket())
 	if err := fileutil.WriteAtomic(r.crictlConf(), []byte(crictl), 0o644); err != nil {
 		return nil, err
 	}
@@ -183,7 +190,11 @@ func Start(ctx context.Context, cfg Config) (_ *Runtime, err error) {
 	r.cmd = exec.Command("containerd", "--config", filepath.Join(r.Dir, "config.toml"))
 	r.cmd.Stdout, r.cmd.Stderr = logf, logf
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := nsutil.Start(h, r.cmd); err != nil {
+	start := nsutil.Start
+	if cfg.MountNS != "" {
+		start = func(h ns.NetNS, cmd *exec.Cmd) error { return mountns.Start(cfg.MountNS, h, cmd) }
+	}
+	if err := start(h, r.cmd); err != nil {
 		return nil, fmt.Errorf("start containerd in %s: %w", cfg.NetNS, err)
 	}
 	r.exited = make(chan struct{})
@@ -236,7 +247,7 @@ func (r *Runtime) Crictl(ctx context.Context, args ...string) ([]byte, error) {
 
 // Import loads an OCI image archive into the CRI plugin's namespace.
 func (r *Runtime) Import(ctx context.Context, archive string) error {
-	out, err := exec.CommandContext(ctx, "ctr", "--address", r.socket(), "-n", "k8s.io", "images", "import", archive).CombinedOutput()
+	out, err := exec.CommandContext(ctx, "ctr", "--address", r.Socket(), "-n", "k8s.io", "images", "import", archive).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("ctr images import %s: %w: %s", archive, err, out)
 	}

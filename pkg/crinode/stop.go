@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/flatnet-io/flatnet/pkg/mountns"
 	"github.com/flatnet-io/flatnet/pkg/procutil"
 
 	"golang.org/x/sys/unix"
@@ -42,10 +43,23 @@ func (r *Runtime) Stop() error {
 		}
 		procutil.Stop(r.cmd.Process, r.exited, 15*time.Second)
 	}
+	return errors.Join(append(errs, r.removeLeftovers(ids))...)
+}
+
+// RemoveLeftovers removes what a runtime on c that is gone (its
+// containerd killed, e.g. with a crashed test) may have left: shims and
+// pod processes, mounts under Dir, the pods' cgroups, libcni cache
+// entries.
+func (c Config) RemoveLeftovers() error {
+	return c.removeLeftovers(c.sandboxIDs())
+}
+
+func (r Config) removeLeftovers(ids []string) error {
+	var errs []error
 	// Shims survive containerd by design (a restarted containerd adopts
 	// them); ours are the ones talking to our socket.
 	for _, pid := range processes(func(pid int, cmdline string) bool {
-		return strings.Contains(cmdline, "containerd-shim") && strings.Contains(cmdline, r.socket())
+		return strings.Contains(cmdline, "containerd-shim") && strings.Contains(cmdline, r.Socket())
 	}) {
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
@@ -71,7 +85,7 @@ func (r *Runtime) hasExited() bool {
 
 // sandboxIDs lists the sandboxes containerd knows, from its root dir (it
 // may have crashed).
-func (r *Runtime) sandboxIDs() []string {
+func (r Config) sandboxIDs() []string {
 	entries, _ := os.ReadDir(filepath.Join(r.rootDir(), "io.containerd.grpc.v1.cri", "sandboxes"))
 	var ids []string
 	for _, e := range entries {
@@ -99,7 +113,7 @@ func processes(match func(pid int, cmdline string) bool) []int {
 
 // cgroupDirs are the runtime's cgroup parent in every hierarchy (cgroup v1
 // controllers, the v1+v2 hybrid's unified tree, or a pure v2 mount).
-func (r *Runtime) cgroupDirs() []string {
+func (r Config) cgroupDirs() []string {
 	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", r.Name))
 	if st, err := os.Stat(filepath.Join("/sys/fs/cgroup", r.Name)); err == nil && st.IsDir() {
 		dirs = append(dirs, filepath.Join("/sys/fs/cgroup", r.Name))
@@ -109,7 +123,7 @@ func (r *Runtime) cgroupDirs() []string {
 
 // removeCgroups kills what still runs in the pods' cgroups and removes
 // them, innermost first.
-func (r *Runtime) removeCgroups() error {
+func (r Config) removeCgroups() error {
 	var last error
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -151,18 +165,15 @@ func (r *Runtime) removeCgroups() error {
 // unmountUnder detaches every mount below dir (overlay rootfs, pod
 // namespace and shm bind mounts), innermost first.
 func unmountUnder(dir string) error {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	all, err := mountns.Points()
 	if err != nil {
 		return err
 	}
 	prefix := filepath.Clean(dir) + "/"
 	var points []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 {
-			if p := unescapeMount(f[4]); strings.HasPrefix(p, prefix) {
-				points = append(points, p)
-			}
+	for _, p := range all {
+		if strings.HasPrefix(p, prefix) {
+			points = append(points, p)
 		}
 	}
 	sort.Slice(points, func(i, j int) bool { return len(points[i]) > len(points[j]) })
@@ -173,23 +184,4 @@ func unmountUnder(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

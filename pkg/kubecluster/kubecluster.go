@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	authv1 "k8s.io/api/authentication/v1"
@@ -30,6 +31,7 @@ import (
 const (
 	APIServer         = "kube-apiserver"
 	ControllerManager = "kube-controller-manager"
+	Scheduler         = "kube-scheduler" // only with ForKubelets
 )
 
 // ServiceCIDR is the cluster's service range; ServiceIP is the first
@@ -53,6 +55,13 @@ type Spec struct {
 	// Dial, if set, opens the connections of the clients AdminConfig
 	// makes (the lab's tools dial from inside the hub namespace).
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// ForKubelets makes a whole control plane that kubelets join: the
+	// API server publishes itself as the kubernetes Service's endpoint,
+	// authorizes kubelets as nodes and reaches them on their InternalIP,
+	// the controller manager runs every default controller (plus node
+	// IPAM), and kube-scheduler runs (SchedulerArgs). Without it: the API
+	// server and node IPAM only.
+	ForKubelets bool
 }
 
 // URL is the API server's address.
@@ -102,7 +111,11 @@ func (s *Spec) Prepare() error {
 // would publish the loopback address as the kubernetes Service's endpoint).
 func (s *Spec) APIServerArgs() []string {
 	p := s.pki()
-	return []string{
+	authz := "RBAC"
+	if s.ForKubelets {
+		authz = "Node,RBAC" // kubelets may touch only their own Node and pods
+	}
+	args := []string{
 		s.Bin(APIServer),
 		"--etcd-servers=" + s.EtcdURL,
 		"--bind-address=" + s.Host.String(),
@@ -111,25 +124,44 @@ func (s *Spec) APIServerArgs() []string {
 		"--tls-cert-file=" + p.path("apiserver.crt"),
 		"--tls-private-key-file=" + p.path("apiserver.key"),
 		"--client-ca-file=" + p.path("ca.crt"),
-		"--authorization-mode=RBAC",
+		"--authorization-mode=" + authz,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + p.path("sa.key"),
 		"--service-account-signing-key-file=" + p.path("sa.key"),
 		"--service-cluster-ip-range=" + ServiceCIDR,
-		"--endpoint-reconciler-type=none",
 		"--cert-dir=" + filepath.Join(s.Dir, "apiserver-certs"),
 		"--profiling=false",
 	}
+	if !s.ForKubelets {
+		return append(args, "--endpoint-reconciler-type=none")
+	}
+	// In-cluster clients (flatnetd) reach the API through the kubernetes
+	// Service, which kube-proxy sends to this address.
+	return append(args,
+		"--enable-admission-plugins=NodeRestriction",
+		"--allow-privileged=true",
+		"--kubelet-client-certificate="+p.path("admin.crt"),
+		"--kubelet-client-key="+p.path("admin.key"),
+		"--kubelet-preferred-address-types=InternalIP",
+	)
 }
 
 // ControllerManagerArgs is kube-controller-manager's command line: only
 // the node IPAM controller, which gives every Node its spec.podCIDR; no
 // serving port, so several control planes can share one namespace.
 func (s *Spec) ControllerManagerArgs() []string {
-	return []string{
+	controllers := []string{"--controllers=node-ipam-controller"}
+	if s.ForKubelets {
+		// Namespaces, service accounts and their CA bundle, endpoints,
+		// garbage collection, node lifecycle: what kubelets and e2e tests
+		// expect of a cluster.
+		p := s.pki()
+		controllers = []string{"--controllers=*", "--root-ca-file=" + p.path("ca.crt"),
+			"--service-account-private-key-file=" + p.path("sa.key")}
+	}
+	return append([]string{
 		s.Bin(ControllerManager),
 		"--kubeconfig=" + s.AdminKubeconfig(),
-		"--controllers=node-ipam-controller",
 		"--allocate-node-cidrs=true",
 		"--cluster-cidr=" + s.ClusterCIDR,
 		"--node-cidr-mask-size=" + strconv.Itoa(s.NodeCIDRMaskSize),
@@ -137,7 +169,31 @@ func (s *Spec) ControllerManagerArgs() []string {
 		"--leader-elect=false",
 		"--secure-port=0",
 		"--profiling=false",
+	}, controllers...)
+}
+
+// SchedulerArgs is kube-scheduler's command line (ForKubelets): no serving
+// port, like the controller manager.
+func (s *Spec) SchedulerArgs() []string {
+	return []string{
+		s.Bin(Scheduler),
+		"--kubeconfig=" + s.AdminKubeconfig(),
+		"--leader-elect=false",
+		"--secure-port=0",
 	}
+}
+
+// ClientKubeconfig writes a kubeconfig at path that authenticates with a
+// client certificate of the cluster CA for user in groups, e.g. a kubelet
+// ("system:node:n1" in "system:nodes") or kube-proxy ("system:kube-proxy").
+func (s *Spec) ClientKubeconfig(path, user string, groups ...string) error {
+	p := s.pki()
+	name := "client-" + strings.NewReplacer(":", "-", "/", "-").Replace(user)
+	if err := p.writeClient(name, user, groups); err != nil {
+		return fmt.Errorf("certificate for %s: %w", user, err)
+	}
+	return writeKubeconfig(path, &clientcmdapi.Cluster{Server: s.URL(), CertificateAuthority: s.CAFile()},
+		&clientcmdapi.AuthInfo{ClientCertificate: p.path(name + ".crt"), ClientKey: p.path(name + ".key")})
 }
 
 // AdminConfig is a client config with cluster-admin rights.

@@ -88,6 +88,27 @@ func (p pki) write(host net.IP) error {
 	return writeCert(p.path("ca.crt"), ca) // last: its presence means "complete"
 }
 
+// writeClient makes a client certificate (and key) named name for user in
+// groups, signed by the CA written earlier.
+func (p pki) writeClient(name, user string, groups []string) error {
+	ca, err := cert.CertsFromFile(p.path("ca.crt"))
+	if err != nil {
+		return err
+	}
+	key, err := keyutil.PrivateKeyFromFile(p.path("ca.key"))
+	if err != nil {
+		return err
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok {
+		return errors.New("CA key cannot sign")
+	}
+	return p.writeLeaf(name, x509.Certificate{
+		Subject:     pkix.Name{CommonName: user, Organization: groups},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}, ca[0], signer)
+}
+
 func (p pki) writeLeaf(name string, tmpl x509.Certificate, ca *x509.Certificate, caKey crypto.Signer) error {
 	key, err := newKey()
 	if err != nil {

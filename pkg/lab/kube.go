@@ -44,13 +44,14 @@ type Kube struct {
 	URL               string  `json:"url"`
 	APIServer         Process `json:"apiServer"`
 	ControllerManager Process `json:"controllerManager"`
+	Scheduler         Process `json:"scheduler,omitempty"` // KubeletNodes only
 }
 
-// kubeSpec is the control plane's description, from the lab's state.
-func (s *State) kubeSpec() *kubecluster.Spec {
+// KubeSpec is the control plane's description, from the lab's state.
+func (s *State) KubeSpec() *kubecluster.Spec {
 	return &kubecluster.Spec{
 		BinDir: s.Kube.BinDir, Dir: s.Kube.Dir, Host: s.Hub.IP, Port: APIServerPort,
-		EtcdURL: s.EtcdURL, ClusterCIDR: s.ClusterCIDR,
+		EtcdURL: s.EtcdURL, ClusterCIDR: s.ClusterCIDR, ForKubelets: s.KubeletNodes,
 		Dial: func(ctx context.Context, _, addr string) (net.Conn, error) {
 			// The lab's tools run outside the lab: reach the API server
 			// from inside the hub namespace.
@@ -69,7 +70,7 @@ func (s *State) KubeClient() (kubernetes.Interface, error) {
 	if s.Kube == nil {
 		return nil, errors.New("lab " + s.Name + " runs on etcd, not on Kubernetes")
 	}
-	cfg, err := s.kubeSpec().AdminConfig()
+	cfg, err := s.KubeSpec().AdminConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -77,10 +78,11 @@ func (s *State) KubeClient() (kubernetes.Interface, error) {
 }
 
 // startKube starts kube-apiserver and kube-controller-manager in the hub
-// and applies deploy/flatnet.yaml.
+// and applies deploy/flatnet.yaml; for kubelet nodes it starts
+// kube-scheduler instead of applying anything.
 func (s *State) startKube(ctx context.Context, binDir string) error {
 	s.Kube = &Kube{BinDir: binDir, Dir: filepath.Join(s.Dir, "kube")}
-	spec := s.kubeSpec()
+	spec := s.KubeSpec()
 	s.Kube.URL = spec.URL()
 	if err := spec.Prepare(); err != nil {
 		return err
@@ -106,6 +108,12 @@ func (s *State) startKube(ctx context.Context, binDir string) error {
 	if err := s.StartControllerManager(); err != nil {
 		return err
 	}
+	if s.KubeletNodes {
+		if s.Kube.Scheduler, err = startDetached(s.Hub.NetNS, filepath.Join(s.Dir, "kube-scheduler.log"), spec.SchedulerArgs()...); err != nil {
+			return err
+		}
+		return s.save()
+	}
 	if _, err := kubecluster.Apply(ctx, admin, deploy.Manifest, false); err != nil {
 		return fmt.Errorf("apply deploy/flatnet.yaml: %w", err)
 	}
@@ -115,7 +123,7 @@ func (s *State) startKube(ctx context.Context, binDir string) error {
 // StartControllerManager starts kube-controller-manager (node IPAM) in
 // the hub.
 func (s *State) StartControllerManager() error {
-	p, err := startDetached(s.Hub.NetNS, filepath.Join(s.Dir, "kube-controller-manager.log"), s.kubeSpec().ControllerManagerArgs()...)
+	p, err := startDetached(s.Hub.NetNS, filepath.Join(s.Dir, "kube-controller-manager.log"), s.KubeSpec().ControllerManagerArgs()...)
 	if err != nil {
 		return err
 	}
@@ -132,6 +140,7 @@ func (s *State) StopControllerManager() {
 // stopKube stops the control plane, the API server before etcd.
 func (s *State) stopKube() {
 	if s.Kube != nil {
+		stop(s.Kube.Scheduler.PID, 10*time.Second)
 		stop(s.Kube.ControllerManager.PID, 10*time.Second)
 		stop(s.Kube.APIServer.PID, 15*time.Second)
 	}
@@ -149,7 +158,7 @@ func (s *State) joinKube(ctx context.Context, n *Node) error {
 	if err != nil {
 		return fmt.Errorf("node %s: create Node: %w", n.Name, err)
 	}
-	spec := s.kubeSpec()
+	spec := s.KubeSpec()
 	return kubecluster.ServiceAccountKubeconfig(ctx, cs, deploy.Namespace, deploy.ServiceAccount, agentTokenTTL,
 		spec.URL(), spec.CAFile(), kubeconfigOf(n))
 }

@@ -52,6 +52,14 @@ type Options struct {
 	// LeastPrivilege runs the agents with what deploy/flatnet.yaml gives
 	// them: CAP_NET_ADMIN and no other root power.
 	LeastPrivilege bool
+	// KubeletNodes makes a lab for real Kubernetes nodes (Datastore
+	// kubernetes, no lab pods): the control plane is a whole one (every
+	// default controller, kube-scheduler, kubelet access; see
+	// kubecluster.Spec.ForKubelets), and the lab starts no flatnetd,
+	// creates no Node and applies no manifest. The caller runs a kubelet
+	// on each node (pkg/kubenode) and applies deploy/flatnet.yaml, whose
+	// DaemonSet brings the agents.
+	KubeletNodes bool
 }
 
 // State is a running lab, as saved in <root>/<name>/lab.json.
@@ -76,6 +84,7 @@ type State struct {
 	Datastore      string `json:"datastore,omitempty"` // "" is etcd
 	Kube           *Kube  `json:"kube,omitempty"`
 	LeastPrivilege bool   `json:"leastPrivilege,omitempty"` // see Options
+	KubeletNodes   bool   `json:"kubeletNodes,omitempty"`   // see Options
 }
 
 // Host is a namespace with one address that matters.
@@ -152,6 +161,9 @@ func (o *Options) defaults() error {
 		}
 	default:
 		return fmt.Errorf("--datastore %q: want etcd or kubernetes", o.Datastore)
+	}
+	if o.KubeletNodes && (o.Datastore != DatastoreKubernetes || o.PodsPerNode > 0) {
+		return errors.New("a lab for kubelet nodes needs the kubernetes datastore and no lab pods")
 	}
 	if o.LeaseTTL == 0 {
 		o.LeaseTTL = time.Minute
@@ -249,7 +261,7 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	s := &State{
 		Name: o.Name, Dir: dir, BinDir: o.BinDir, Backend: o.Backend, Topology: o.Topology, Racks: o.Racks,
 		ClusterCIDR: ClusterCIDR, LeaseTTL: o.LeaseTTL.String(), Resync: o.Resync.String(), CNIVersion: o.CNIVersion,
-		Datastore: o.Datastore, LeastPrivilege: o.LeastPrivilege,
+		Datastore: o.Datastore, LeastPrivilege: o.LeastPrivilege, KubeletNodes: o.KubeletNodes,
 		Hub:      Host{NetNS: Prefix(o.Name) + "hub", IP: segmentOf(1).router.Addr()},
 		Internet: Host{NetNS: Prefix(o.Name) + "inet", IP: internetIP},
 	}
@@ -285,7 +297,11 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 		if err := s.startKube(ctx, o.KubeBinDir); err != nil {
 			return nil, err
 		}
-		say("kube-apiserver at %s, kube-controller-manager (node IPAM %s), deploy/flatnet.yaml applied", s.Kube.URL, s.ClusterCIDR)
+		if o.KubeletNodes {
+			say("kube-apiserver at %s, kube-controller-manager (all controllers, node IPAM %s), kube-scheduler", s.Kube.URL, s.ClusterCIDR)
+		} else {
+			say("kube-apiserver at %s, kube-controller-manager (node IPAM %s), deploy/flatnet.yaml applied", s.Kube.URL, s.ClusterCIDR)
+		}
 	}
 
 	for i := 1; i <= o.Nodes; i++ {
@@ -295,6 +311,10 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	}
 	if err := s.save(); err != nil {
 		return nil, err
+	}
+	if o.KubeletNodes {
+		say("lab %s is up: %d node namespace(s) without agents, for kubelets", o.Name, len(s.Nodes))
+		return s, nil
 	}
 	// All agents at once, as a cluster boots.
 	for _, n := range s.Nodes {
@@ -343,7 +363,7 @@ func (s *State) addNode(ctx context.Context, hub ns.NetNS, i int) (*Node, error)
 		return nil, fmt.Errorf("node %s: %w", n.Name, err)
 	}
 	s.Nodes = append(s.Nodes, n)
-	if s.Kube != nil {
+	if s.Kube != nil && !s.KubeletNodes {
 		if err := s.joinKube(ctx, n); err != nil {
 			return nil, err
 		}

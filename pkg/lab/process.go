@@ -76,8 +76,13 @@ func ours(pid int) bool {
 	if i := bytes.LastIndexByte(stat, ')'); i > 0 && len(stat) > i+2 && stat[i+2] == 'Z' {
 		return false // exited, not yet reaped
 	}
+	if len(b) == 0 {
+		// Our own exec is still loading the binary: the parent learns that
+		// exec succeeded before the new command line is set up.
+		return true
+	}
 	cmd := string(b)
-	for _, name := range []string{"flatnetd", "flatnetctl", kubecluster.APIServer, kubecluster.ControllerManager} {
+	for _, name := range []string{"flatnetd", "flatnetctl", kubecluster.APIServer, kubecluster.ControllerManager, kubecluster.Scheduler} {
 		if strings.Contains(cmd, name) {
 			return true
 		}

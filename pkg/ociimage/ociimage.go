@@ -9,6 +9,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -326,4 +327,69 @@ func layerTar(files []File) ([]byte, error) {
 		return nil, err
 	}
 	return buf.Bytes(), nil
+}
+
+// libDirs are where the dynamic loader looks for shared libraries on
+// Debian (multiarch first), in its order.
+var libDirs = []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"}
+
+// WithLibs copies a dynamically linked host binary to path p in the image
+// together with its program interpreter and every shared library it needs,
+// transitively, each at the path the loader finds it on the host (so the
+// libraries must be installed there).
+func WithLibs(src, p string) ([]File, error) {
+	bin, err := FromHost(src, p)
+	if err != nil {
+		return nil, err
+	}
+	out := []File{bin}
+	seen := map[string]bool{}
+	queue := []string{src}
+	for len(queue) > 0 {
+		f, err := elf.Open(queue[0])
+		if err != nil {
+			return nil, err
+		}
+		queue = queue[1:]
+		needed, err := f.ImportedLibraries()
+		var deps []string
+		for _, prog := range f.Progs {
+			if prog.Type == elf.PT_INTERP {
+				b := make([]byte, prog.Filesz)
+				if _, err := prog.ReadAt(b, 0); err == nil {
+					deps = append(deps, strings.TrimRight(string(b), "\x00"))
+				}
+			}
+		}
+		f.Close()
+		if err != nil {
+			return nil, err
+		}
+		for _, lib := range needed {
+			found := ""
+			for _, d := range libDirs {
+				if _, err := os.Stat(filepath.Join(d, lib)); err == nil {
+					found = filepath.Join(d, lib)
+					break
+				}
+			}
+			if found == "" {
+				return nil, fmt.Errorf("%s needs %s, which is in none of %v (install the package that has it)", src, lib, libDirs)
+			}
+			deps = append(deps, found)
+		}
+		for _, d := range deps {
+			if seen[d] {
+				continue
+			}
+			seen[d] = true
+			lib, err := FromHost(d, d)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, lib)
+			queue = append(queue, d)
+		}
+	}
+	return out, nil
 }

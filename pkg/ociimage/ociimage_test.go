@@ -165,3 +165,32 @@ func TestTreeKeepsSymlinksAndModes(t *testing.T) {
 		t.Errorf("d: %+v", f)
 	}
 }
+
+func TestWithLibsBringsInterpreterAndLibraries(t *testing.T) {
+	// dash is essential on Debian and links libc only.
+	files, err := WithLibs("/bin/dash", "/bin/sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, f := range files {
+		if got[f.Path] {
+			t.Errorf("%s twice", f.Path)
+		}
+		got[f.Path] = true
+		if !f.Mode.IsRegular() || len(f.Data) == 0 {
+			t.Errorf("%s: not a regular file with content", f.Path)
+		}
+	}
+	var libc, interp bool
+	for p := range got {
+		libc = libc || strings.HasSuffix(p, "/libc.so.6")
+		interp = interp || strings.Contains(p, "/ld-linux")
+	}
+	if !got["/bin/sh"] || !libc || !interp {
+		t.Errorf("files %v: want /bin/sh, libc.so.6 and the loader", got)
+	}
+	if _, err := WithLibs("/etc/passwd", "/x"); err == nil {
+		t.Error("a file that is not ELF was accepted")
+	}
+}

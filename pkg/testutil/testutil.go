@@ -122,3 +122,27 @@ func Binaries(t testing.TB) string {
 	}
 	return buildDir
 }
+
+// ProcessesUnder maps the PIDs of the processes whose command line names
+// a path below dir to their command lines.
+func ProcessesUnder(dir string) map[int]string {
+	out := map[int]string{}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if strings.Contains(string(b), dir+"/") {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+			out[pid] = strings.ReplaceAll(string(b), "\x00", " ")
+		}
+	}
+	return out
+}
+
+// AssertNoProcessUnder fails t for every process whose command line names
+// a path below dir: what a test started there must be gone.
+func AssertNoProcessUnder(t testing.TB, dir string) {
+	t.Helper()
+	for pid, cmd := range ProcessesUnder(dir) {
+		t.Errorf("process left: %d: %s", pid, cmd)
+	}
+}

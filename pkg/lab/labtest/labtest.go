@@ -66,6 +66,9 @@ func DumpLogs(t *testing.T, root, name string) {
 	logs := []string{s.Etcd.Log}
 	if s.Kube != nil {
 		logs = append(logs, s.Kube.APIServer.Log, s.Kube.ControllerManager.Log)
+		if s.Kube.Scheduler.Log != "" {
+			logs = append(logs, s.Kube.Scheduler.Log)
+		}
 	}
 	for _, n := range s.Nodes {
 		logs = append(logs, n.Agent.Log)

@@ -154,13 +154,7 @@ func assertRuntimeGone(t *testing.T, rt *crinode.Runtime) {
 	if left, _ := filepath.Glob("/sys/fs/cgroup/*" + rt.CgroupParent()); len(left) > 0 {
 		t.Errorf("cgroups left: %v", left)
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, _ := os.ReadFile(p)
-		if strings.Contains(string(b), rt.Dir+"/") {
-			t.Errorf("process left: %s: %s", p, strings.ReplaceAll(string(b), "\x00", " "))
-		}
-	}
+	testutil.AssertNoProcessUnder(t, rt.Dir)
 }
 
 // inNS runs f inside the namespace at path.
