@@ -5,7 +5,8 @@
 #         containerd runc busybox-static (via hack/cri/tools.sh)
 #   Go:   module downloads
 #   bins: Kubernetes v1.37.2 (hack/k8s/build.sh, cached by version in
-#         ~/.cache/flatnet/k8s/), crictl (hack/cri/tools.sh, cached likewise)
+#         ~/.cache/flatnet/k8s/), crictl (hack/cri/tools.sh, cached likewise),
+#         netcat-openbsd unpacked for the e2e image (hack/k8s/netcat.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH DEBIAN_FRONTEND=noninteractive
@@ -26,4 +27,6 @@ step "containerd, runc, busybox, crictl"
 hack/cri/tools.sh >/dev/null
 step "Kubernetes binaries"
 hack/k8s/build.sh all >/dev/null
+step "netcat-openbsd for the e2e agnhost image (apt-get download, not installed)"
+hack/k8s/netcat.sh >/dev/null
 step "prerequisites ready"
