@@ -66,27 +66,29 @@ func main() {
 	go func() { <-sig; cleanup(); os.Exit(1) }()
 	defer cleanup()
 
+	// log.Fatal skips deferred calls: every failure from here on cleans up first.
+	fatal := func(err error) { cleanup(); log.Fatal(err) }
 	ctx := context.Background()
 	s, err := lab.Up(ctx, lab.Options{Name: name, Root: root, BinDir: bin, Nodes: *agents, Backend: "host-gw", LeaseTTL: time.Minute})
 	if err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	b := &bench{s: s}
 	if err := b.open(); err != nil {
-		log.Fatal(err)
+		fatal(err)
 	}
 	fmt.Printf("flatnetd control plane, %d real agents (host-gw), etcd datastore; load average %s\n\n", *agents, machine.LoadAvg())
 	fmt.Printf("%-6s %-34s %-34s %s\n", "nodes", "new lease -> route on all peers", "lease deleted -> route gone", "agent RSS")
 	fmt.Printf("%-6s %-34s %-34s %s\n", "", "p50 / p90 / max (ms)", "p50 / p90 / max (ms)", "avg / max (MB)")
 	for _, size := range sizes {
 		if err := b.grow(ctx, size-1); err != nil { // the sample node makes it size
-			log.Fatal(err)
+			fatal(err)
 		}
 		var add, del []time.Duration
 		for i := 0; i < *samples; i++ {
 			a, d, err := b.sample(ctx, i)
 			if err != nil {
-				log.Fatal(err)
+				fatal(err)
 			}
 			add, del = append(add, a), append(del, d)
 		}
