@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -70,6 +71,52 @@ func TestLabMatrixHostGW(t *testing.T) {
 			t.Errorf("node status %+v", n)
 		}
 	}
+	// Health and metrics of every agent, after the matrix (which made each
+	// node masquerade its pods' connections to the internet host).
+	for _, n := range s.Nodes {
+		for _, path := range []string{"/healthz", "/readyz"} {
+			if code, body, err := s.AgentGet(context.Background(), n, path); err != nil || code != 200 {
+				t.Errorf("%s %s: %d %s %v", n.Name, path, code, body, err)
+			}
+		}
+		m := metrics(t, s, n)
+		want := map[string]func(float64) bool{
+			"flatnet_lease_held":                                func(v float64) bool { return v == 1 },
+			"flatnet_peers":                                     func(v float64) bool { return v == 2 },
+			"flatnet_peers_programmed":                          func(v float64) bool { return v == 2 },
+			"flatnet_peers_failed":                              func(v float64) bool { return v == 0 },
+			"flatnet_reconcile_errors_total":                    func(v float64) bool { return v == 0 },
+			"flatnet_reconcile_duration_seconds_count":          func(v float64) bool { return v >= 1 },
+			`flatnet_reconcile_changes_total{kind="route_set"}`: func(v float64) bool { return v >= 2 },
+			"flatnet_masqueraded_packets_total":                 func(v float64) bool { return v >= 2 },
+		}
+		for name, ok := range want {
+			if v, found := m[name]; !found || !ok(v) {
+				t.Errorf("%s: metric %s = %v (present %v)", n.Name, name, v, found)
+			}
+		}
+	}
+}
+
+// metrics scrapes an agent's /metrics into name{labels} -> value.
+func metrics(t *testing.T, s *lab.State, n *lab.Node) map[string]float64 {
+	t.Helper()
+	code, body, err := s.AgentGet(context.Background(), n, "/metrics")
+	if err != nil || code != 200 {
+		t.Fatalf("%s /metrics: %d %v", n.Name, code, err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err == nil {
+			out[line[:i]] = v
+		}
+	}
+	return out
 }
 
 func TestFiveAgentsStartedAtOnceGetDistinctSubnets(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -224,9 +225,26 @@ func (s *State) ReaddressNode(ctx context.Context, n *Node, addr netip.Prefix) e
 
 // AgentStatus asks node n's agent for its /status.
 func (s *State) AgentStatus(ctx context.Context, n *Node) (*agent.Status, error) {
-	h, err := ns.GetNS(nsutil.Path(n.NetNS))
+	code, body, err := s.AgentGet(ctx, n, "/status")
 	if err != nil {
 		return nil, err
+	}
+	if code != http.StatusOK {
+		return nil, fmt.Errorf("%s: /status answered %d", n.Name, code)
+	}
+	var st agent.Status
+	if err := json.Unmarshal(body, &st); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+// AgentGet fetches one of node n's agent endpoints (/status, /healthz,
+// /readyz, /metrics) from inside the node's namespace.
+func (s *State) AgentGet(ctx context.Context, n *Node, path string) (int, []byte, error) {
+	h, err := ns.GetNS(nsutil.Path(n.NetNS))
+	if err != nil {
+		return 0, nil, err
 	}
 	defer h.Close()
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
@@ -235,16 +253,17 @@ func (s *State) AgentStatus(ctx context.Context, n *Node) (*agent.Status, error)
 			return probe.Dial(ctx, h, addr)
 		},
 	}}
-	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/status", AgentPort))
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", AgentPort, path), nil)
 	if err != nil {
-		return nil, err
+		return 0, nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, nil, err
 	}
 	defer resp.Body.Close()
-	var st agent.Status
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, err
-	}
-	return &st, nil
+	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, body, err
 }
 
 // WaitReady waits until node n's agent reports ready and records its subnet.
