@@ -146,13 +146,10 @@ func (t *Table) Sync(r Rules) error {
 	if c, err := t.counter(); err == nil {
 		carried = c
 	}
-	cc, err := t.conn()
+	cc, tb, err := t.batchWithoutTable()
 	if err != nil {
-		return fmt.Errorf("nat: netlink: %w", err)
+		return err
 	}
-	tb := table()
-	cc.AddTable(tb)
-	cc.DelTable(tb)
 	cc.AddTable(tb)
 
 	nodes := &nftables.Set{
@@ -234,19 +231,29 @@ func maskPrefix(p netip.Prefix) *expr.Bitwise {
 
 // Delete removes the table. A missing table is not an error.
 func (t *Table) Delete() error {
-	cc, err := t.conn()
+	cc, _, err := t.batchWithoutTable()
 	if err != nil {
-		return fmt.Errorf("nat: netlink: %w", err)
+		return err
 	}
-	// Same trick as Sync: adding first makes the delete valid whether or
-	// not the table exists, and both happen in one atomic batch.
-	tb := table()
-	cc.AddTable(tb)
-	cc.DelTable(tb)
 	if err := cc.Flush(); err != nil {
 		return fmt.Errorf("nat: delete table ip %s: %w", TableName, err)
 	}
 	return nil
+}
+
+// batchWithoutTable starts a batch that removes the table whether or not
+// it exists: adding it first makes the delete valid either way. Sync adds
+// the new table to the same batch, so the kernel swaps old for new in one
+// atomic step.
+func (t *Table) batchWithoutTable() (*nftables.Conn, *nftables.Table, error) {
+	cc, err := t.conn()
+	if err != nil {
+		return nil, nil, fmt.Errorf("nat: netlink: %w", err)
+	}
+	tb := table()
+	cc.AddTable(tb)
+	cc.DelTable(tb)
+	return cc, tb, nil
 }
 
 // Masqueraded returns the packet counter of the masquerade rule. Only the

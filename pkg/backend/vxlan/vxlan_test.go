@@ -73,25 +73,7 @@ func device(t *testing.T, h ns.NetNS, name string) *netlink.Vxlan {
 
 func TestPrepareCreatesTheDevice(t *testing.T) {
 	h, self := node(t)
-	v := newVXLAN(t, backend.Options{})
-	var data datastore.BackendData
-	var mtu int
-	var csum bool
-	err := h.Do(func(ns.NetNS) (err error) {
-		if data, mtu, err = v.Prepare(context.Background(), self); err != nil {
-			return err
-		}
-		e, err := ethtool.NewEthtool()
-		if err != nil {
-			return err
-		}
-		defer e.Close()
-		csum, err = vxlan.TxChecksumOffload(e, "flatnet.1")
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	data, mtu, csum := prepare(t, h, self, backend.Options{})
 	if mtu != 1450 {
 		t.Errorf("pod MTU %d, want 1500-50", mtu)
 	}
@@ -258,23 +240,7 @@ func TestChecksumOffloadPolicy(t *testing.T) {
 		want   bool
 	}{{"off", false}, {"on", true}} {
 		h, self := node(t)
-		v := newVXLAN(t, backend.Options{ChecksumOffload: tc.policy})
-		var on bool
-		err := h.Do(func(ns.NetNS) error {
-			if _, _, err := v.Prepare(context.Background(), self); err != nil {
-				return err
-			}
-			e, err := ethtool.NewEthtool()
-			if err != nil {
-				return err
-			}
-			defer e.Close()
-			on, err = vxlan.TxChecksumOffload(e, "flatnet.1")
-			return err
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		_, _, on := prepare(t, h, self, backend.Options{ChecksumOffload: tc.policy})
 		if on != tc.want {
 			t.Errorf("--vxlan-checksum-offload %s: offload on = %v", tc.policy, on)
 		}
@@ -282,4 +248,26 @@ func TestChecksumOffloadPolicy(t *testing.T) {
 	if _, err := vxlan.New(backend.Options{ChecksumOffload: "maybe"}); err == nil {
 		t.Error("policy \"maybe\" accepted")
 	}
+}
+
+// prepare runs Prepare in h and reads back the device's checksum offload.
+func prepare(t *testing.T, h ns.NetNS, self backend.Node, o backend.Options) (data datastore.BackendData, mtu int, csum bool) {
+	t.Helper()
+	v := newVXLAN(t, o)
+	err := h.Do(func(ns.NetNS) (err error) {
+		if data, mtu, err = v.Prepare(context.Background(), self); err != nil {
+			return err
+		}
+		e, err := ethtool.NewEthtool()
+		if err != nil {
+			return err
+		}
+		defer e.Close()
+		csum, err = vxlan.TxChecksumOffload(e, "flatnet.1")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data, mtu, csum
 }
