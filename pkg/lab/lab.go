@@ -106,7 +106,7 @@ type Node struct {
 	Rack       int          `json:"rack"`
 	UnderlayIP netip.Addr   `json:"underlayIP"`
 	Underlay   netip.Prefix `json:"underlay"`
-	HubPort    string       `json:"hubPort"`
+	SwitchPort string       `json:"switchPort"`
 	Subnet     netip.Prefix `json:"subnet"`
 	Dir        string       `json:"dir"`
 	Agent      Process      `json:"agent"`
@@ -283,7 +283,16 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 		return nil, err
 	}
 	defer inet.Close()
-	if err := buildHub(hub, inet, o.Racks); err != nil {
+	var switches []ns.NetNS
+	for r := 1; r <= o.Racks; r++ {
+		sw, err := s.newNS(s.switchNS(r))
+		if err != nil {
+			return nil, err
+		}
+		defer sw.Close()
+		switches = append(switches, sw)
+	}
+	if err := buildHub(hub, inet, switches); err != nil {
 		return nil, fmt.Errorf("hub: %w", err)
 	}
 	say("hub %s: %d switch(es) and router; internet host %s at %s", s.Hub.NetNS, o.Racks, s.Internet.NetNS, internetIP)
@@ -305,7 +314,7 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	}
 
 	for i := 1; i <= o.Nodes; i++ {
-		if _, err := s.addNode(ctx, hub, i); err != nil {
+		if _, err := s.addNode(ctx, i); err != nil {
 			return nil, err
 		}
 	}
@@ -347,17 +356,22 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 
 // addNode creates node i: its namespace plugged into its rack's switch
 // and, on Kubernetes, its Node object and agent kubeconfig.
-func (s *State) addNode(ctx context.Context, hub ns.NetNS, i int) (*Node, error) {
+func (s *State) addNode(ctx context.Context, i int) (*Node, error) {
 	rack := (i-1)%s.Racks + 1
 	addr := nodeIP(rack, i)
 	name := fmt.Sprintf("n%d", i)
 	n := &Node{Name: name, NetNS: Prefix(s.Name) + name, Rack: rack,
-		UnderlayIP: addr.Addr(), Underlay: addr, HubPort: name, Dir: filepath.Join(s.Dir, name)}
+		UnderlayIP: addr.Addr(), Underlay: addr, SwitchPort: name, Dir: filepath.Join(s.Dir, name)}
+	sw, err := ns.GetNS(nsutil.Path(s.switchNS(rack)))
+	if err != nil {
+		return nil, err
+	}
+	defer sw.Close()
 	h, err := s.newNS(n.NetNS)
 	if err != nil {
 		return nil, err
 	}
-	err = buildNode(hub, h, n.HubPort, rack, addr)
+	err = buildNode(sw, h, n.SwitchPort, rack, addr)
 	h.Close()
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", n.Name, err)
@@ -374,11 +388,6 @@ func (s *State) addNode(ctx context.Context, hub ns.NetNS, i int) (*Node, error)
 // AddNode adds a node to a running lab and starts its agent, without
 // waiting for it to be ready.
 func (s *State) AddNode(ctx context.Context) (*Node, error) {
-	hub, err := ns.GetNS(nsutil.Path(s.Hub.NetNS))
-	if err != nil {
-		return nil, err
-	}
-	defer hub.Close()
 	i := 1
 	for _, n := range s.Nodes {
 		var k int
@@ -386,12 +395,15 @@ func (s *State) AddNode(ctx context.Context) (*Node, error) {
 			i = k + 1
 		}
 	}
-	n, err := s.addNode(ctx, hub, i)
+	n, err := s.addNode(ctx, i)
 	if err != nil {
 		return nil, err
 	}
 	return n, s.StartAgent(n)
 }
+
+// switchNS is the namespace of rack r's switch.
+func (s *State) switchNS(rack int) string { return fmt.Sprintf("%ssw%d", Prefix(s.Name), rack) }
 
 // newNS creates one of the lab's namespaces.
 func (s *State) newNS(name string) (ns.NetNS, error) {

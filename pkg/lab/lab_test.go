@@ -132,10 +132,15 @@ func TestFiveAgentsStartedAtOnceGetDistinctSubnets(t *testing.T) {
 		}
 		seen[n.Subnet] = n.Name
 	}
-	// Every node has a route to each of the 4 others, tagged as flatnet's.
+	// Every node gets a route to each of the 4 others, tagged as flatnet's
+	// (a node is ready before it has heard of the nodes that start after it).
+	deadline := time.Now().Add(20 * time.Second)
 	for _, n := range s.Nodes {
-		if got := flatnetRoutes(t, n); len(got) != 4 {
-			t.Errorf("%s has %d flatnet routes, want 4: %v", n.Name, len(got), got)
+		for got := flatnetRoutes(t, n); len(got) != 4; got = flatnetRoutes(t, n) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s has %d flatnet routes, want 4: %v", n.Name, len(got), got)
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
 	}
 }

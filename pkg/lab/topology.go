@@ -22,30 +22,37 @@ var (
 	underlayNet = netip.MustParsePrefix("10.99.0.0/16")
 )
 
-// segment is one L2 segment (a rack): a bridge in the hub namespace, whose
-// address is the segment's router.
+// segment is one L2 segment (a rack): a switch (a bridge in a namespace of
+// its own) and the hub's interface on it, whose address is the segment's
+// router.
 type segment struct {
-	bridge string
 	router netip.Prefix // e.g. 10.99.1.1/24
 }
 
+// switchBridge is the bridge inside every switch namespace.
+const switchBridge = "br0"
+
 func segmentOf(rack int) segment {
-	return segment{
-		bridge: fmt.Sprintf("sw%d", rack),
-		router: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, byte(rack), 1}), 24),
-	}
+	return segment{router: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, byte(rack), 1}), 24)}
 }
+
+// routerPort is the hub's interface on a rack's switch.
+func routerPort(rack int) string { return fmt.Sprintf("r%d", rack) }
 
 // nodeIP is node i's underlay address in its rack.
 func nodeIP(rack, i int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, byte(rack), byte(10 + i)}), 24)
 }
 
-// buildHub creates the hub: the switch(es) of the racks, the router
-// between them, and the uplink to the internet host. The hub knows node
-// addresses only, never pod subnets: pod traffic must be routed by the
-// nodes themselves or encapsulated.
-func buildHub(hub, inet ns.NetNS, racks int) error {
+// buildHub creates the racks' switches and the hub, the router between
+// them with the uplink to the internet host. The hub knows node addresses
+// only, never pod subnets: pod traffic must be routed by the nodes
+// themselves or encapsulated. Switches are namespaces of their own, linked
+// to the hub by a veth: the hub routes out of plain interfaces, as a real
+// router does (routing out of a bridge device made the kernel segment
+// encapsulated GSO packets in software), and a router MAC never changes
+// when nodes join or leave a switch.
+func buildHub(hub, inet ns.NetNS, switches []ns.NetNS) error {
 	// A router forwards by destination only: packets from pods to node
 	// addresses (never masqueraded) pass it although it has no route back
 	// to pod subnets, whatever rp_filter this machine's namespaces inherit.
@@ -54,25 +61,21 @@ func buildHub(hub, inet ns.NetNS, racks int) error {
 			return err
 		}
 	}
-	err := hub.Do(func(ns.NetNS) error {
-		for r := 1; r <= racks; r++ {
-			seg := segmentOf(r)
-			// A fixed MAC: a bridge otherwise takes its lowest port's MAC,
-			// which changes when a node leaves, and every node would keep
-			// sending to the router's old MAC until its ARP entry expires.
-			br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: seg.bridge, Flags: net.FlagUp, TxQLen: -1,
-				HardwareAddr: dataplane.MACFromIP(seg.router.Addr())}}
+	for i, sw := range switches {
+		rack := i + 1
+		err := sw.Do(func(ns.NetNS) error {
+			br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: switchBridge, Flags: net.FlagUp, TxQLen: -1}}
 			if err := netlink.LinkAdd(br); err != nil {
-				return fmt.Errorf("switch %s: %w", seg.bridge, err)
+				return fmt.Errorf("switch of rack %d: %w", rack, err)
 			}
-			if err := netlink.AddrAdd(br, &netlink.Addr{IPNet: dataplane.PrefixToIPNet(seg.router)}); err != nil {
-				return err
-			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
-		return nil
-	})
-	if err != nil {
-		return err
+		if err := connect(sw, "hub", netip.Prefix{}, switchBridge, hub, routerPort(rack), segmentOf(rack).router, nil); err != nil {
+			return fmt.Errorf("router port of rack %d: %w", rack, err)
+		}
 	}
 	return connect(hub, "inet", netip.PrefixFrom(internetGW, 24), "", inet, "eth0", netip.PrefixFrom(internetIP, 24),
 		[]route{{dst: underlayNet, gw: internetGW}})
@@ -163,8 +166,7 @@ func setUnderlay(node ns.NetNS, rack int, old, addr netip.Prefix) error {
 // buildNode plugs a node into its rack's switch. Its default route goes to
 // the hub, so traffic to the internet host leaves through the node's uplink
 // (where flatnet masquerades it).
-func buildNode(hub, node ns.NetNS, hubPort string, rack int, addr netip.Prefix) error {
-	seg := segmentOf(rack)
-	return connect(hub, hubPort, netip.Prefix{}, seg.bridge, node, "eth0", addr,
-		[]route{{dst: netip.MustParsePrefix("0.0.0.0/0"), gw: seg.router.Addr()}})
+func buildNode(sw, node ns.NetNS, port string, rack int, addr netip.Prefix) error {
+	return connect(sw, port, netip.Prefix{}, switchBridge, node, "eth0", addr,
+		[]route{{dst: netip.MustParsePrefix("0.0.0.0/0"), gw: segmentOf(rack).router.Addr()}})
 }
