@@ -589,6 +589,16 @@ func TestWatchIgnoresMalformedKeysAndClosesOnCancel(t *testing.T) {
 	})
 }
 
+// registeredA registers node a and returns its store, its key, a raw
+// client and the etcd lease the key is attached to.
+func (e *env) registeredA(ctx context.Context) (*Store, datastore.Lease, string, *clientv3.Client, clientv3.LeaseID) {
+	s := e.store(nil)
+	l := e.registerOK(ctx, s, node("a", "192.0.2.1"))
+	key := "/flatnet/subnets/" + l.Subnet.Addr().String() + "-24"
+	raw := e.client()
+	return s, l, key, raw, e.leaseOf(ctx, raw, key)
+}
+
 // leaseOf returns the etcd lease a key is attached to.
 func (e *env) leaseOf(ctx context.Context, raw *clientv3.Client, key string) clientv3.LeaseID {
 	e.t.Helper()
@@ -602,11 +612,7 @@ func (e *env) leaseOf(ctx context.Context, raw *clientv3.Client, key string) cli
 func TestLostLeaseIsReestablished(t *testing.T) {
 	e := newEnv(t)
 	ctx, _ := e.ctx(60 * time.Second)
-	s := e.store(nil)
-	l := e.registerOK(ctx, s, node("a", "192.0.2.1"))
-	key := "/flatnet/subnets/" + l.Subnet.Addr().String() + "-24"
-	raw := e.client()
-	old := e.leaseOf(ctx, raw, key)
+	s, _, key, raw, old := e.registeredA(ctx)
 
 	// The lease expires behind the agent's back (as after a long outage).
 	if _, err := raw.Revoke(ctx, old); err != nil {
@@ -626,11 +632,7 @@ func TestLostLeaseIsReestablished(t *testing.T) {
 func TestLostSubnetTakenByAnotherNodeIsLeftAlone(t *testing.T) {
 	e := newEnv(t)
 	ctx, _ := e.ctx(60 * time.Second)
-	s := e.store(nil)
-	l := e.registerOK(ctx, s, node("a", "192.0.2.1"))
-	key := "/flatnet/subnets/" + l.Subnet.Addr().String() + "-24"
-	raw := e.client()
-	old := e.leaseOf(ctx, raw, key)
+	s, l, key, raw, old := e.registeredA(ctx)
 
 	// While a's lease was expired, node b took the subnet.
 	g, err := raw.Grant(ctx, 60)
