@@ -102,8 +102,11 @@ func Binaries(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		root := ModuleRoot(t)
-		buildDir, buildErr = os.MkdirTemp("", "flatnet-test-bin-")
-		if buildErr != nil {
+		// Named by PID, so the next test process can remove what this one
+		// leaves (the binaries outlive the tests that use them).
+		sweepStaleBinaries()
+		buildDir = filepath.Join(os.TempDir(), fmt.Sprintf("%s%d", binDirPrefix, os.Getpid()))
+		if buildErr = os.MkdirAll(buildDir, 0o755); buildErr != nil {
 			return
 		}
 		// Lab agents may run as an unprivileged user (lab.Options.LeastPrivilege).
@@ -121,6 +124,22 @@ func Binaries(t testing.TB) string {
 		t.Fatal(buildErr)
 	}
 	return buildDir
+}
+
+const binDirPrefix = "flatnet-test-bin-"
+
+// sweepStaleBinaries removes binary dirs of test processes that are gone.
+func sweepStaleBinaries() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), binDirPrefix+"*"))
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), binDirPrefix))
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); os.IsNotExist(err) {
+			os.RemoveAll(d)
+		}
+	}
 }
 
 // ProcessesUnder maps the PIDs of the processes whose command line names
