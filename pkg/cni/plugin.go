@@ -105,6 +105,8 @@ func Add(args *skel.CmdArgs) (err error) {
 		return err
 	}
 
+	// The result reports the route AddPodLink installed, from its one definition.
+	defaultRoute := dataplane.PodDefaultRoute(att.PodIndex, network.Gateway)
 	result := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
 		Interfaces: []*current.Interface{
@@ -117,7 +119,7 @@ func Add(args *skel.CmdArgs) (err error) {
 			Address:   *dataplane.PrefixToIPNet(podAddr),
 			Gateway:   network.Gateway.AsSlice(),
 		}},
-		Routes: []*types.Route{{Dst: *dataplane.PrefixToIPNet(netip.MustParsePrefix("0.0.0.0/0")), GW: network.Gateway.AsSlice()}},
+		Routes: []*types.Route{{Dst: *defaultRoute.Dst, GW: defaultRoute.Gw}},
 	}
 	return types.PrintResult(result, conf.CNIVersion)
 }
