@@ -83,7 +83,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 
 	// 3. Node setup.
-	if err := setupNode(cfg, lease, mtu, inst, log); err != nil {
+	if err := setupNode(cfg, lease, mtu, log); err != nil {
 		return fmt.Errorf("node setup: %w", err)
 	}
 
@@ -169,7 +169,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		case <-deleted:
 			sync()
 		case <-resync.C:
-			if err := setupNode(cfg, lease, mtu, inst, log); err != nil {
+			if err := setupNode(cfg, lease, mtu, log); err != nil {
 				log.Error("node setup drift repair", "err", err)
 			}
 			sync()

@@ -24,11 +24,11 @@ import (
 )
 
 // setupNode prepares everything pods on this node need once the lease is
-// known: the bridge with the gateway, forwarding, the node state file the
-// plugin reads, and the plugin binary and conflist the runtime uses. It
-// only adds or corrects, never tears down, so it is safe on restart with
-// pods running.
-func setupNode(cfg Config, lease datastore.Lease, mtu int, inst *installer, log *slog.Logger) error {
+// known: the bridge with the gateway, forwarding and the node state file
+// the plugin reads (the plugin binary and conflist do not depend on the
+// lease: the installer keeps them, before and after). It only adds or
+// corrects, never tears down, so it is safe on restart with pods running.
+func setupNode(cfg Config, lease datastore.Lease, mtu int, log *slog.Logger) error {
 	cluster := netip.MustParsePrefix(cfg.ClusterCIDR)
 	gw := netip.PrefixFrom(cidr.FirstHost(lease.Subnet), lease.Subnet.Bits())
 	br, err := dataplane.EnsureBridge(cfg.Bridge, gw, mtu)
@@ -46,8 +46,7 @@ func setupNode(cfg Config, lease datastore.Lease, mtu int, inst *installer, log 
 	if err := writeIfChanged(cfg.NodeStatePath(), st); err != nil {
 		return fmt.Errorf("node state: %w", err)
 	}
-	_, err = inst.Ensure()
-	return err
+	return nil
 }
 
 // pruneBridgeAddrs removes addresses of an older subnet of this cluster
