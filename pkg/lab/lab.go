@@ -338,6 +338,10 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 		}
 		say("%s: ready, underlay %s, pod subnet %s", n.Name, n.UnderlayIP, n.Subnet)
 	}
+	if err := s.WaitConverged(ctx, 60*time.Second); err != nil {
+		return nil, err
+	}
+	say("every node has settled its route to every other node")
 	if err := s.save(); err != nil {
 		return nil, err
 	}

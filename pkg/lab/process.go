@@ -288,6 +288,30 @@ func (s *State) WaitReady(ctx context.Context, n *Node, timeout time.Duration) e
 	return s.save()
 }
 
+// WaitConverged waits until every agent has settled every other node: a
+// route programmed, or an error it reports (host-gw across a router). A
+// node turns ready before it has heard of the nodes that start after it.
+func (s *State) WaitConverged(ctx context.Context, timeout time.Duration) error {
+	return poll(ctx, timeout, func() error {
+		for _, n := range s.Nodes {
+			st, err := s.AgentStatus(ctx, n)
+			if err != nil {
+				return err
+			}
+			settled := map[string]bool{}
+			for _, p := range st.Peers {
+				settled[p.Subnet] = p.Programmed || p.Error != ""
+			}
+			for _, peer := range s.Nodes {
+				if peer != n && !settled[peer.Subnet.String()] {
+					return fmt.Errorf("%s has not settled its route to %s (%s) yet", n.Name, peer.Name, peer.Subnet)
+				}
+			}
+		}
+		return nil
+	})
+}
+
 // Runtime is node n's CNI runtime: the conflist and plugin binary its agent
 // installed, and a result cache of its own.
 func (s *State) Runtime(n *Node, nodeNS ns.NetNS) (*cniruntime.Runtime, error) {
