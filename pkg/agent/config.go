@@ -207,8 +207,8 @@ func (c Config) Validate() error {
 	if o := c.VXLANChecksumOffload; o != "auto" && o != "on" && o != "off" {
 		errs = append(errs, fmt.Errorf("--vxlan-checksum-offload %q: want auto, on or off", o))
 	}
-	if c.VXLANVNI < 1 || c.VXLANVNI > 1<<24-1 || c.VXLANPort < 1 || c.VXLANPort > 65535 {
-		errs = append(errs, fmt.Errorf("--vxlan-vni %d / --vxlan-port %d out of range", c.VXLANVNI, c.VXLANPort))
+	if err := vxlan.Validate(c.VXLANVNI, c.VXLANPort); err != nil {
+		errs = append(errs, fmt.Errorf("--vxlan-vni / --vxlan-port: %w", err))
 	}
 	return errors.Join(errs...)
 }

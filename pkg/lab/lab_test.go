@@ -356,6 +356,8 @@ func TestAgentRejectsBadConfig(t *testing.T) {
 		"--datastore":                   {"--datastore", "zookeeper"},
 		"must be an absolute path":      {"--state-dir", "relative/dir"},
 		"--mtu":                         {"--mtu", "100000"},
+		"use a VNI below 10000000":      {"--vxlan-vni", "12000000"},
+		"VXLAN port 70000":              {"--vxlan-port", "70000"},
 		"unknown field":                 {"--config", writeFile(t, `{"noSuchKey":"10.0.0.0/8"}`)},
 		"flag provided but not defined": {"--no-such-flag"},
 	}

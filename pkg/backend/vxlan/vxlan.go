@@ -92,6 +92,21 @@ type VXLAN struct {
 	index int // the device's ifindex as last ensured
 }
 
+// Validate says whether a VNI and UDP port can be used; the agent calls it
+// on its flags too, so a bad value is a config error, not a start failure.
+func Validate(vni, port int) error {
+	if vni < 1 || vni > 1<<24-1 {
+		return fmt.Errorf("VXLAN VNI %d: want 1-16777215", vni)
+	}
+	if len(DeviceName(vni)) >= unix.IFNAMSIZ {
+		return fmt.Errorf("VXLAN VNI %d: the device name %s would be longer than 15 characters; use a VNI below 10000000", vni, DeviceName(vni))
+	}
+	if port < 1 || port > 65535 {
+		return fmt.Errorf("VXLAN port %d: want 1-65535", port)
+	}
+	return nil
+}
+
 // New validates the options; zero values take the defaults.
 func New(o backend.Options) (*VXLAN, error) {
 	v := &VXLAN{vni: o.VNI, port: o.Port}
@@ -101,14 +116,8 @@ func New(o backend.Options) (*VXLAN, error) {
 	if v.port == 0 {
 		v.port = DefaultPort
 	}
-	if v.vni < 1 || v.vni > 1<<24-1 {
-		return nil, fmt.Errorf("VXLAN VNI %d: want 1-16777215", v.vni)
-	}
-	if len(DeviceName(v.vni)) >= unix.IFNAMSIZ {
-		return nil, fmt.Errorf("VXLAN VNI %d: the device name %s would be longer than 15 characters; use a VNI below 10000000", v.vni, DeviceName(v.vni))
-	}
-	if v.port < 1 || v.port > 65535 {
-		return nil, fmt.Errorf("VXLAN port %d: want 1-65535", v.port)
+	if err := Validate(v.vni, v.port); err != nil {
+		return nil, err
 	}
 	switch o.ChecksumOffload {
 	case "", "auto":
