@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -25,7 +26,8 @@ func Up(t *testing.T, o lab.Options) *lab.State {
 	t.Helper()
 	testutil.RequireRoot(t)
 	if o.Name == "" {
-		o.Name = fmt.Sprintf("t%d%c", os.Getpid()%100000, 'a'+seq.Add(1))
+		// Lab names are at most 10 lowercase letters or digits.
+		o.Name = fmt.Sprintf("t%05d", os.Getpid()%100000) + strconv.FormatInt(int64(seq.Add(1)), 36)
 	}
 	if o.Root == "" {
 		o.Root = t.TempDir()
