@@ -58,9 +58,7 @@ func pruneBridgeAddrs(br netlink.Link, keep, cluster netip.Prefix, log *slog.Log
 		return err
 	}
 	for _, a := range addrs {
-		ip, _ := netip.AddrFromSlice(a.IP.To4())
-		ones, _ := a.Mask.Size()
-		if cluster.Contains(ip) && netip.PrefixFrom(ip, ones) != keep {
+		if p := dataplane.IPNetToPrefix(a.IPNet); cluster.Contains(p.Addr()) && p != keep {
 			if err := netlink.AddrDel(br, &a); err != nil {
 				return fmt.Errorf("remove stale bridge address %s: %w", a.IPNet, err)
 			}

@@ -2,12 +2,12 @@ package agent
 
 import (
 	"fmt"
-	"net/netip"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 
 	"github.com/flatnet-io/flatnet/pkg/backend"
+	"github.com/flatnet-io/flatnet/pkg/dataplane"
 )
 
 // detectUnderlay finds the interface facing the other nodes: --iface, or
@@ -45,11 +45,10 @@ func detectUnderlay(name, nodeName string) (backend.Node, error) {
 		if a.Scope != int(netlink.SCOPE_UNIVERSE) {
 			continue
 		}
-		ip, _ := netip.AddrFromSlice(a.IP.To4())
-		ones, _ := a.Mask.Size()
-		n.Underlays = append(n.Underlays, netip.PrefixFrom(ip, ones).Masked())
+		p := dataplane.IPNetToPrefix(a.IPNet)
+		n.Underlays = append(n.Underlays, p.Masked())
 		if !n.UnderlayIP.IsValid() {
-			n.UnderlayIP = ip
+			n.UnderlayIP = p.Addr()
 		}
 	}
 	if !n.UnderlayIP.IsValid() {

@@ -75,7 +75,7 @@ func ensureAddr(link netlink.Link, p netip.Prefix) error {
 		return fmt.Errorf("list addresses of %s: %w", link.Attrs().Name, err)
 	}
 	for _, a := range addrs {
-		if ones, _ := a.Mask.Size(); a.IP.Equal(p.Addr().AsSlice()) && ones == p.Bits() {
+		if IPNetToPrefix(a.IPNet) == p {
 			return nil
 		}
 	}
@@ -90,4 +90,12 @@ func ensureAddr(link netlink.Link, p netip.Prefix) error {
 // host bits, as netlink wants for interface addresses.
 func PrefixToIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// IPNetToPrefix is the inverse of PrefixToIPNet: an interface address as
+// netlink lists it, host bits kept (a 4-in-6 form comes back as IPv4).
+func IPNetToPrefix(n *net.IPNet) netip.Prefix {
+	ip, _ := netip.AddrFromSlice(n.IP)
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), ones)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/flatnet-io/flatnet/pkg/backend"
+	"github.com/flatnet-io/flatnet/pkg/cidr"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
 )
@@ -51,8 +52,7 @@ func (r *Report) Failed() int {
 type endpoint struct {
 	name string
 	h    ns.NetNS
-	ip   netip.Addr // address the server listens on / the endpoint's own address
-	addr string     // whoami server address
+	addr string // whoami server address
 }
 
 // Check runs the connectivity matrix: every pod to every pod (TCP, the
@@ -85,7 +85,7 @@ func (s *State) Check(ctx context.Context) (*Report, error) {
 		}
 		closers = append(closers, ln)
 		go probe.ServeWhoAmI(ln)
-		return &endpoint{name: name, h: h, ip: ip, addr: ln.Addr().String()}, nil
+		return &endpoint{name: name, h: h, addr: ln.Addr().String()}, nil
 	}
 	pods := map[string]*endpoint{}
 	nodes := map[string]*endpoint{}
@@ -139,9 +139,9 @@ func (s *State) Check(ctx context.Context) (*Report, error) {
 			want, why := n.UnderlayIP, "the node's own address"
 			switch {
 			case dst.Node == n.Name:
-				want = gatewayOf(n.Subnet) // own pods are reached from the bridge
+				want = cidr.FirstHost(n.Subnet) // own pods are reached from the bridge
 			case modes[n.Name][dst.Node] == string(backend.Overlay):
-				want, why = gatewayOf(n.Subnet), "the node's pod gateway address, which it sends into the overlay from so that replies come back through it"
+				want, why = cidr.FirstHost(n.Subnet), "the node's pod gateway address, which it sends into the overlay from so that replies come back through it"
 			}
 			add("node-pod", nodes[n.Name], pods[dst.Name], want, why)
 		}
@@ -197,8 +197,6 @@ func (s *State) Check(ctx context.Context) (*Report, error) {
 	}
 	return rep, nil
 }
-
-func gatewayOf(p netip.Prefix) netip.Addr { return p.Masked().Addr().Next() }
 
 // peerModes asks every agent how it reaches each peer: node -> peer ->
 // "direct" or "overlay" (missing when the agent does not answer).

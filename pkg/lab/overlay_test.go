@@ -24,6 +24,8 @@ import (
 
 	"github.com/flatnet-io/flatnet/pkg/backend"
 	"github.com/flatnet-io/flatnet/pkg/backend/vxlan"
+	"github.com/flatnet-io/flatnet/pkg/cidr"
+	"github.com/flatnet-io/flatnet/pkg/dataplane"
 	"github.com/flatnet-io/flatnet/pkg/lab"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
@@ -73,7 +75,7 @@ func viewOf(t *testing.T, n *lab.Node) kernelView {
 		if err != nil {
 			return nil // no overlay device: no entries
 		}
-		ns4, err := netlink.NeighList(dev.Attrs().Index, netlink.FAMILY_V4)
+		ns4, err := dataplane.NeighList(dev.Attrs().Index, netlink.FAMILY_V4)
 		if err != nil {
 			return err
 		}
@@ -82,7 +84,7 @@ func viewOf(t *testing.T, n *lab.Node) kernelView {
 				v.neigh[e.IP.String()] = e.HardwareAddr.String()
 			}
 		}
-		fdb, err := netlink.NeighList(dev.Attrs().Index, unix.AF_BRIDGE)
+		fdb, err := dataplane.NeighList(dev.Attrs().Index, unix.AF_BRIDGE)
 		if err != nil {
 			return err
 		}
@@ -112,7 +114,7 @@ func checkPeer(v kernelView, n, peer *lab.Node, mode backend.Mode) error {
 			return fmt.Errorf("%s has an FDB entry for direct peer %s", n.Name, peer.Name)
 		}
 	case backend.Overlay:
-		want := routeView{dev: vxDev, gw: vtep, src: n.Subnet.Addr().Next().String()}
+		want := routeView{dev: vxDev, gw: vtep, src: cidr.FirstHost(n.Subnet).String()}
 		if rt != want {
 			return fmt.Errorf("%s reaches %s by %+v, want %+v", n.Name, peer.Name, rt, want)
 		}

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flatnet-io/flatnet/pkg/backend"
+	"github.com/flatnet-io/flatnet/pkg/dataplane"
 	"github.com/flatnet-io/flatnet/pkg/datastore"
 )
 
@@ -159,7 +160,7 @@ func (r *Reconciler) syncOverlay(dev netlink.Link, desired map[string]backend.Pl
 			wantFDB[p.FDB.HardwareAddr.String()] = p
 		}
 	}
-	neighs, err := listNeigh(idx, netlink.FAMILY_V4)
+	neighs, err := dataplane.NeighList(idx, netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("list neighbours on %s: %w", dev.Attrs().Name, err)
 	}
@@ -175,7 +176,7 @@ func (r *Reconciler) syncOverlay(dev netlink.Link, desired map[string]backend.Pl
 			}
 		}
 	}
-	fdbs, err := listNeigh(idx, unix.AF_BRIDGE)
+	fdbs, err := dataplane.NeighList(idx, unix.AF_BRIDGE)
 	if err != nil {
 		return fmt.Errorf("list fdb on %s: %w", dev.Attrs().Name, err)
 	}
@@ -219,17 +220,4 @@ func isZeroMAC(m net.HardwareAddr) bool {
 		}
 	}
 	return true
-}
-
-// listNeigh retries dumps the kernel interrupted because the table changed.
-func listNeigh(idx, family int) ([]netlink.Neigh, error) {
-	var err error
-	for i := 0; i < 5; i++ {
-		var out []netlink.Neigh
-		out, err = netlink.NeighList(idx, family)
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return out, err
-		}
-	}
-	return nil, err
 }

@@ -44,11 +44,11 @@ func read(t *testing.T) kernel {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ns4, _ := netlink.NeighList(dev.Attrs().Index, netlink.FAMILY_V4)
+	ns4, _ := dataplane.NeighList(dev.Attrs().Index, netlink.FAMILY_V4)
 	for _, n := range ns4 {
 		k.neigh[n.IP.String()] = n.HardwareAddr.String()
 	}
-	fdb, _ := netlink.NeighList(dev.Attrs().Index, unix.AF_BRIDGE)
+	fdb, _ := dataplane.NeighList(dev.Attrs().Index, unix.AF_BRIDGE)
 	for _, f := range fdb {
 		k.fdb[f.HardwareAddr.String()] = f.IP.String()
 	}
