@@ -149,7 +149,7 @@ func (b *bench) open() error {
 
 // fake claims a subnet for a lease-only node.
 func (b *bench) fake(ctx context.Context, name string) (*etcdstore.Store, datastore.Lease, error) {
-	st, err := etcdstore.New(ctx, etcdstore.Config{
+	st, err := etcdstore.New(etcdstore.Config{
 		Endpoints: []string{b.s.EtcdURL}, ClusterCIDR: netip.MustParsePrefix(b.s.ClusterCIDR),
 		LeaseTTL: time.Minute, Dial: b.dial, Logger: slog.New(slog.DiscardHandler),
 	})

@@ -36,7 +36,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	ds, err := openDatastore(ctx, cfg, log)
+	ds, err := openDatastore(cfg, log)
 	if err != nil {
 		return err
 	}

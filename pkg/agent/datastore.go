@@ -23,10 +23,10 @@ type readyReporter interface {
 }
 
 // openDatastore connects to the configured store.
-func openDatastore(ctx context.Context, cfg Config, log *slog.Logger) (datastore.Datastore, error) {
+func openDatastore(cfg Config, log *slog.Logger) (datastore.Datastore, error) {
 	switch cfg.Datastore {
 	case "etcd":
-		return etcdstore.New(ctx, etcdstore.Config{
+		return etcdstore.New(etcdstore.Config{
 			Endpoints:   strings.Split(cfg.EtcdEndpoints, ","),
 			Prefix:      cfg.EtcdPrefix,
 			ClusterCIDR: netip.MustParsePrefix(cfg.ClusterCIDR),

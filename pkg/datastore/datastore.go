@@ -42,6 +42,11 @@ type NodeInfo struct {
 	PreferredSubnet netip.Prefix
 }
 
+// Lease is what the node publishes when it holds subnet p.
+func (n NodeInfo) Lease(p netip.Prefix) Lease {
+	return Lease{Node: n.Name, Subnet: p, UnderlayIP: n.UnderlayIP.Unmap(), Backend: n.Backend, BackendData: n.BackendData}
+}
+
 // Validate rejects a NodeInfo no store can publish.
 func (n NodeInfo) Validate() error {
 	if n.Name == "" {

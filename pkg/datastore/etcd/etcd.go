@@ -95,10 +95,8 @@ type Store struct {
 var _ datastore.Datastore = (*Store)(nil)
 
 // New validates cfg and creates a client. It does not wait for etcd: an
-// unreachable etcd shows up (and is retried) in Register and Watch. ctx is
-// not retained.
-func New(ctx context.Context, cfg Config) (*Store, error) {
-	_ = ctx
+// unreachable etcd shows up (and is retried) in Register and Watch.
+func New(cfg Config) (*Store, error) {
 	if cfg.Prefix == "" {
 		cfg.Prefix = DefaultPrefix
 	}
@@ -165,13 +163,8 @@ func validate(cfg Config) error {
 		return fmt.Errorf("etcd datastore: no endpoints (got %q)", cfg.Endpoints)
 	}
 	c := cfg.ClusterCIDR
-	switch {
-	case !c.IsValid():
-		return errors.New("etcd datastore: cluster CIDR is missing or invalid")
-	case !c.Addr().Is4():
-		return fmt.Errorf("etcd datastore: cluster CIDR %s: only IPv4 is supported", c)
-	case c.Masked() != c:
-		return fmt.Errorf("etcd datastore: cluster CIDR %s is not a network address (did you mean %s?)", c, c.Masked())
+	if err := cidr.ValidateNetwork("cluster CIDR", c); err != nil {
+		return fmt.Errorf("etcd datastore: %w", err)
 	}
 	if cfg.SubnetLen <= c.Bits() || cfg.SubnetLen > 30 {
 		return fmt.Errorf("etcd datastore: subnet length /%d does not fit cluster CIDR %s: need /%d to /30",
@@ -357,13 +350,6 @@ func (s *Store) Register(ctx context.Context, self datastore.NodeInfo) (datastor
 	}
 }
 
-func (s *Store) leaseFor(self datastore.NodeInfo, p netip.Prefix) datastore.Lease {
-	return datastore.Lease{
-		Node: self.Name, Subnet: p, UnderlayIP: self.UnderlayIP.Unmap(),
-		Backend: self.Backend, BackendData: self.BackendData,
-	}
-}
-
 // ensureConfig creates <prefix>/config if absent, else checks it matches.
 func (s *Store) ensureConfig(ctx context.Context) error {
 	if s.configOK.Load() {
@@ -475,7 +461,7 @@ func (s *Store) claimOnce(ctx context.Context, self datastore.NodeInfo) (c claim
 				return claim{}, err
 			}
 		}
-		c := claim{lease: s.leaseFor(self, p), key: s.key(p), leaseID: leaseID}
+		c := claim{lease: self.Lease(p), key: s.key(p), leaseID: leaseID}
 		ok, err := s.put(ctx, c, cmp)
 		if err != nil {
 			return claim{}, err

@@ -61,7 +61,7 @@ func (e *env) store(mod func(*Config)) *Store {
 	if mod != nil {
 		mod(&cfg)
 	}
-	s, err := New(context.Background(), cfg)
+	s, err := New(cfg)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -444,7 +444,7 @@ func TestInvalidConfigFailsAtOnce(t *testing.T) {
 			if tc.cfg.Endpoints == nil {
 				tc.cfg.Endpoints = []string{ep}
 			}
-			s, err := New(context.Background(), tc.cfg)
+			s, err := New(tc.cfg)
 			if err == nil {
 				s.Close()
 				t.Fatal("New accepted an invalid config")
@@ -455,7 +455,7 @@ func TestInvalidConfigFailsAtOnce(t *testing.T) {
 		})
 	}
 
-	s, err := New(context.Background(), Config{Endpoints: []string{ep}, ClusterCIDR: cluster})
+	s, err := New(Config{Endpoints: []string{ep}, ClusterCIDR: cluster})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -524,7 +524,7 @@ func TestUnreachableEtcdIsRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	l := testutil.NewLogs(t)
-	s, err := New(context.Background(), Config{Endpoints: []string{ep}, ClusterCIDR: cluster, Logger: l.Logger()})
+	s, err := New(Config{Endpoints: []string{ep}, ClusterCIDR: cluster, Logger: l.Logger()})
 	if err != nil {
 		t.Fatal(err)
 	}

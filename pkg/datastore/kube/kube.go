@@ -36,6 +36,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/flatnet-io/flatnet/pkg/cidr"
 	"github.com/flatnet-io/flatnet/pkg/datastore"
 )
 
@@ -99,8 +100,8 @@ func New(cfg Config) (*Store, error) {
 	if cfg.ConfirmEvery == 0 {
 		cfg.ConfirmEvery = DefaultConfirmEvery
 	}
-	if c := cfg.ClusterCIDR; !c.IsValid() || !c.Addr().Is4() || c.Masked() != c {
-		return nil, fmt.Errorf("kubernetes datastore: cluster CIDR %q: want an IPv4 network address", c)
+	if err := cidr.ValidateNetwork("cluster CIDR", cfg.ClusterCIDR); err != nil {
+		return nil, fmt.Errorf("kubernetes datastore: %w", err)
 	}
 	rc := cfg.REST
 	if rc == nil {
@@ -231,9 +232,7 @@ func (s *Store) Register(ctx context.Context, self datastore.NodeInfo) (datastor
 		log.Warn("the Node's podCIDR differs from the subnet this node had before (was the Node re-created?)",
 			"podCIDR", subnet, "before", p)
 	}
-	lease := datastore.Lease{Node: self.Name, Subnet: subnet, UnderlayIP: self.UnderlayIP.Unmap(),
-		Backend: self.Backend, BackendData: self.BackendData}
-	self.UnderlayIP = lease.UnderlayIP
+	lease := self.Lease(subnet)
 	s.mu.Lock()
 	s.self, s.lease = self, lease
 	s.mu.Unlock()
