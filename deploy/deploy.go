@@ -13,7 +13,5 @@ var Manifest []byte
 const (
 	Namespace      = "flatnet-system"
 	ServiceAccount = "flatnet"
-	ConfigMap      = "flatnet"
-	ConfigKey      = "flatnetd.json"
 	DaemonSet      = "flatnet"
 )

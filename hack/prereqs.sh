@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # prereqs.sh — everything the test suite needs on a fresh Debian 12 machine,
 # each step skipped when already done:
-#   apt:  iproute2 iputils-ping nftables iperf3 iptables containernetworking-plugins
-#         curl dash gcc libc6-dev (go test -race needs cgo)
-#         containerd runc busybox-static (via hack/cri/tools.sh)
+#   apt:  iproute2 iputils-ping nftables iperf3 iptables curl dash
+#         gcc libc6-dev (go test -race needs cgo)
+#         containerd runc busybox-static containernetworking-plugins
+#         (via hack/cri/tools.sh)
 #   Go:   module downloads
 #   bins: Kubernetes v1.37.2 (hack/k8s/build.sh, cached by version in
 #         ~/.cache/flatnet/k8s/), crictl (hack/cri/tools.sh, cached likewise),
@@ -14,7 +15,7 @@ export PATH=/usr/local/go/bin:$PATH DEBIAN_FRONTEND=noninteractive
 
 step() { echo ">> $* ($(date -u +%T))" >&2; }
 
-pkgs=(iproute2 iputils-ping nftables iperf3 iptables containernetworking-plugins curl dash gcc libc6-dev)
+pkgs=(iproute2 iputils-ping nftables iperf3 iptables curl dash gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

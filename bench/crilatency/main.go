@@ -96,7 +96,7 @@ func main() {
 	}
 	n := s.Nodes[0]
 
-	flat := crinode.OnLabNode(s, n, crictl)
+	flat := crinode.OnLabNode(n, crictl)
 	if err := crinode.LinkPlugins(flat.CNIBinDir, map[string]string{"flatnet": crinode.InstalledPlugin(n), "loopback": filepath.Join(*refBin, "loopback")}); err != nil {
 		fail(err)
 	}

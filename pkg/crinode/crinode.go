@@ -225,7 +225,7 @@ func (r *Runtime) poll(ctx context.Context, timeout time.Duration, f func() erro
 		}
 		select {
 		case <-r.exited:
-			return fmt.Errorf("containerd exited (%v); its log %s ends:\n%s", r.cmd.ProcessState, r.Log(), tail(r.Log(), 15))
+			return fmt.Errorf("containerd exited (%v); its log %s ends:\n%s", r.cmd.ProcessState, r.Log(), fileutil.Tail(r.Log(), 15))
 		case <-ctx.Done():
 			return fmt.Errorf("after %v: %w", timeout, err)
 		case <-time.After(50 * time.Millisecond):
@@ -422,13 +422,4 @@ func (r *Runtime) ContainerRunning(ctx context.Context, id string) error {
 		return fmt.Errorf("container %s is %s", id, st.Status.State)
 	}
 	return nil
-}
-
-func tail(path string, n int) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

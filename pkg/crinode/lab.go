@@ -18,7 +18,7 @@ const LoopbackPlugin = "/usr/lib/cni/loopback"
 // OnLabNode is a runtime in lab node n: in the node's namespace, loading
 // the conflist n's flatnetd writes, its pods under a cgroup parent named
 // like the node's namespace. Its CNI bin dir is its own (see LinkPlugins).
-func OnLabNode(s *lab.State, n *lab.Node, crictl string) Config {
+func OnLabNode(n *lab.Node, crictl string) Config {
 	dir := filepath.Join(n.Dir, "cri")
 	return Config{
 		Name: n.NetNS, Dir: dir, NetNS: nsutil.Path(n.NetNS),

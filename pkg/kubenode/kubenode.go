@@ -90,8 +90,7 @@ func HostDir(n *lab.Node, hostPath string) string {
 // runtimeConfig is node n's containerd: in the node's mount namespace,
 // with a real node's CNI paths.
 func runtimeConfig(s *lab.State, n *lab.Node, crictl string) crinode.Config {
-	c := crinode.OnLabNode(s, n, crictl)
-	c.Name = strings.TrimPrefix(CgroupRoot(n), "/")
+	c := crinode.OnLabNode(n, crictl)
 	c.CNIConfDir, c.CNIBinDir, c.MountNS = "/etc/cni/net.d", "/opt/cni/bin", MountNS(s, n)
 	return c
 }
@@ -318,10 +317,8 @@ func (n *Node) Alive() error {
 	for _, p := range []*process{n.kubelet, n.proxy} {
 		select {
 		case <-p.done:
-			b, _ := os.ReadFile(p.log)
-			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 			return fmt.Errorf("%s on %s exited (%v); %s ends:\n%s", filepath.Base(p.cmd.Path), n.Name, p.cmd.ProcessState, p.log,
-				strings.Join(lines[max(0, len(lines)-10):], "\n"))
+				fileutil.Tail(p.log, 10))
 		default:
 		}
 	}

@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flatnet-io/flatnet/pkg/fileutil"
 	"github.com/flatnet-io/flatnet/pkg/procutil"
 
 	"k8s.io/client-go/kubernetes"
@@ -209,13 +210,7 @@ func (c *Cluster) Stop() error {
 // LogTail is the end of a control plane component's log, for failure
 // messages: name is "kube-apiserver" or "kube-controller-manager".
 func (c *Cluster) LogTail(name string, lines int) string {
-	return tail(filepath.Join(c.dir, name+".log"), lines)
-}
-
-func tail(path string, lines int) string {
-	b, _ := os.ReadFile(path)
-	l := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(l[max(0, len(l)-lines):], "\n")
+	return fileutil.Tail(filepath.Join(c.dir, name+".log"), lines)
 }
 
 func freePort() (int, error) {
@@ -262,7 +257,7 @@ func startProcess(argv []string, logPath string) (*process, error) {
 func (p *process) alive() error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("%s exited (%v):\n%s", p.name, p.err, tail(p.log, 15))
+		return fmt.Errorf("%s exited (%v):\n%s", p.name, p.err, fileutil.Tail(p.log, 15))
 	default:
 		return nil
 	}

@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/flatnet-io/flatnet/deploy"
+	"github.com/flatnet-io/flatnet/pkg/fileutil"
 	"github.com/flatnet-io/flatnet/pkg/kubecluster"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
@@ -98,7 +99,7 @@ func (s *State) startKube(ctx context.Context, binDir string) error {
 	}
 	err = kubecluster.WaitReady(ctx, admin, 60*time.Second, func() error {
 		if !ours(p.PID) {
-			return fmt.Errorf("kube-apiserver exited:\n%s", tail(p.Log))
+			return fmt.Errorf("kube-apiserver exited:\n%s", fileutil.Tail(p.Log, 8))
 		}
 		return nil
 	})

@@ -21,6 +21,7 @@ import (
 
 	"github.com/flatnet-io/flatnet/pkg/agent"
 	"github.com/flatnet-io/flatnet/pkg/cniruntime"
+	"github.com/flatnet-io/flatnet/pkg/fileutil"
 	"github.com/flatnet-io/flatnet/pkg/kubecluster"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/probe"
@@ -128,7 +129,7 @@ func (s *State) startEtcd(ctx context.Context) error {
 	addr := strings.TrimPrefix(s.EtcdURL, "http://")
 	return poll(ctx, 30*time.Second, func() error {
 		if !ours(p.PID) {
-			return fmt.Errorf("etcd exited: %s", tail(p.Log))
+			return fmt.Errorf("etcd exited: %s", fileutil.Tail(p.Log, 8))
 		}
 		c, err := probe.Dial(ctx, hub, addr)
 		if err == nil {
@@ -270,7 +271,7 @@ func (s *State) AgentGet(ctx context.Context, n *Node, path string) (int, []byte
 func (s *State) WaitReady(ctx context.Context, n *Node, timeout time.Duration) error {
 	err := poll(ctx, timeout, func() error {
 		if !ours(n.Agent.PID) {
-			return fmt.Errorf("flatnetd on %s exited:\n%s", n.Name, tail(n.Agent.Log))
+			return fmt.Errorf("flatnetd on %s exited:\n%s", n.Name, fileutil.Tail(n.Agent.Log, 8))
 		}
 		st, err := s.AgentStatus(ctx, n)
 		if err != nil {
@@ -402,13 +403,4 @@ func poll(ctx context.Context, timeout time.Duration, f func() error) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-func tail(path string) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if len(lines) > 8 {
-		lines = lines[len(lines)-8:]
-	}
-	return strings.Join(lines, "\n")
 }

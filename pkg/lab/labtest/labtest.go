@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/flatnet-io/flatnet/pkg/fileutil"
 	"github.com/flatnet-io/flatnet/pkg/lab"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
 	"github.com/flatnet-io/flatnet/pkg/testutil"
@@ -76,11 +76,6 @@ func DumpLogs(t *testing.T, root, name string) {
 		logs = append(logs, n.Agent.Log)
 	}
 	for _, l := range logs {
-		b, _ := os.ReadFile(l)
-		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-		if len(lines) > 25 {
-			lines = lines[len(lines)-25:]
-		}
-		t.Logf("---- %s\n%s", l, strings.Join(lines, "\n"))
+		t.Logf("---- %s\n%s", l, fileutil.Tail(l, 25))
 	}
 }

@@ -97,7 +97,7 @@ func setup(t *testing.T, nodes int) (*lab.State, []*node) {
 
 	var out []*node
 	for _, n := range s.Nodes {
-		cfg := crinode.OnLabNode(s, n, crictl)
+		cfg := crinode.OnLabNode(n, crictl)
 		nd := &node{Node: n, cniLog: filepath.Join(cfg.Dir, "cni-calls.log")}
 		spy := filepath.Join(cfg.Dir, "flatnet-spy")
 		script := fmt.Sprintf("#!/bin/sh\necho \"$CNI_COMMAND $CNI_CONTAINERID netns=$CNI_NETNS\" >> %s\nexec %s\n", nd.cniLog, crinode.InstalledPlugin(n))

@@ -37,6 +37,7 @@ import (
 
 	"github.com/flatnet-io/flatnet/deploy"
 	"github.com/flatnet-io/flatnet/pkg/crinode"
+	"github.com/flatnet-io/flatnet/pkg/fileutil"
 	"github.com/flatnet-io/flatnet/pkg/ipam"
 	"github.com/flatnet-io/flatnet/pkg/kubecluster"
 	"github.com/flatnet-io/flatnet/pkg/kubenode"
@@ -448,9 +449,7 @@ func stopNodes(t *testing.T, c *clock, s *lab.State, cs kubernetes.Interface, kn
 	if t.Failed() {
 		for _, n := range kn {
 			for _, l := range n.Logs() {
-				b, _ := os.ReadFile(l)
-				lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-				t.Logf("---- %s\n%s", l, strings.Join(lines[max(0, len(lines)-30):], "\n"))
+				t.Logf("---- %s\n%s", l, fileutil.Tail(l, 30))
 			}
 		}
 	}
