@@ -22,6 +22,7 @@ import (
 	"github.com/flatnet-io/flatnet/pkg/lab"
 	"github.com/flatnet-io/flatnet/pkg/lab/labtest"
 	"github.com/flatnet-io/flatnet/pkg/nsutil"
+	"github.com/flatnet-io/flatnet/pkg/testutil"
 )
 
 // newKubeLab is newLab with --datastore kubernetes: a real kube-apiserver
@@ -124,16 +125,10 @@ func TestKubeNodeDeletionAndAgentRestarts(t *testing.T) {
 	if err := s.RemoveNode(n3); err != nil { // kills its agent, deletes the Node
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, ok := flatnetRoutes(t, n2)[gone]; !ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("n2 still routes %s of the deleted node", gone)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testutil.WaitFor(t, 20*time.Second, "n2 to stop routing "+gone+" of the deleted node", func() bool {
+		_, ok := flatnetRoutes(t, n2)[gone]
+		return !ok
+	})
 	if _, ok := flatnetRoutes(t, n1)[gone]; !ok {
 		t.Fatal("n1's route to the deleted node vanished while its agent was down")
 	}
@@ -165,17 +160,11 @@ func TestKubeNodeWithoutPodCIDRWaits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		b, _ := os.ReadFile(n.Agent.Log)
-		if strings.Contains(string(b), "no IPv4 podCIDR yet") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the agent does not say it waits for a podCIDR:\n%s", b)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	var b []byte
+	testutil.WaitFor(t, 30*time.Second, "the agent to say it waits for a podCIDR", func() bool {
+		b, _ = os.ReadFile(n.Agent.Log)
+		return strings.Contains(string(b), "no IPv4 podCIDR yet")
+	}, func() string { return string(b) })
 	st, err := s.AgentStatus(ctx, n)
 	if err != nil || st.Ready || st.LeaseHeld {
 		t.Fatalf("agent status while waiting: %+v %v", st, err)

@@ -273,19 +273,19 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	hub, err := s.newNS(s.Hub.NetNS)
+	hub, err := nsutil.Create(s.Hub.NetNS)
 	if err != nil {
 		return nil, err
 	}
 	defer hub.Close()
-	inet, err := s.newNS(s.Internet.NetNS)
+	inet, err := nsutil.Create(s.Internet.NetNS)
 	if err != nil {
 		return nil, err
 	}
 	defer inet.Close()
 	var switches []ns.NetNS
 	for r := 1; r <= o.Racks; r++ {
-		sw, err := s.newNS(s.switchNS(r))
+		sw, err := nsutil.Create(s.switchNS(r))
 		if err != nil {
 			return nil, err
 		}
@@ -342,9 +342,6 @@ func Up(ctx context.Context, o Options) (_ *State, err error) {
 		return nil, err
 	}
 	say("every node has settled its route to every other node")
-	if err := s.save(); err != nil {
-		return nil, err
-	}
 	for _, n := range s.Nodes {
 		for j := 1; j <= o.PodsPerNode; j++ {
 			p, err := s.AddPod(ctx, n, fmt.Sprintf("%s-p%d", n.Name, j))
@@ -371,7 +368,7 @@ func (s *State) addNode(ctx context.Context, i int) (*Node, error) {
 		return nil, err
 	}
 	defer sw.Close()
-	h, err := s.newNS(n.NetNS)
+	h, err := nsutil.Create(n.NetNS)
 	if err != nil {
 		return nil, err
 	}
@@ -408,11 +405,6 @@ func (s *State) AddNode(ctx context.Context) (*Node, error) {
 
 // switchNS is the namespace of rack r's switch.
 func (s *State) switchNS(rack int) string { return fmt.Sprintf("%ssw%d", Prefix(s.Name), rack) }
-
-// newNS creates one of the lab's namespaces.
-func (s *State) newNS(name string) (ns.NetNS, error) {
-	return nsutil.Create(name)
-}
 
 // Down removes a lab: processes, namespaces, state. Idempotent, and works
 // from the namespace prefix alone when the state file is gone.

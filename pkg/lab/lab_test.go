@@ -2,6 +2,8 @@ package lab_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -132,15 +134,11 @@ func TestFiveAgentsStartedAtOnceGetDistinctSubnets(t *testing.T) {
 		}
 		seen[n.Subnet] = n.Name
 	}
-	// Every node gets a route to each of the 4 others, tagged as flatnet's
-	// (a node is ready before it has heard of the nodes that start after it).
-	deadline := time.Now().Add(20 * time.Second)
+	// Every node has a route to each of the 4 others, tagged as flatnet's
+	// (lab up waited for every agent to settle every peer).
 	for _, n := range s.Nodes {
-		for got := flatnetRoutes(t, n); len(got) != 4; got = flatnetRoutes(t, n) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s has %d flatnet routes, want 4: %v", n.Name, len(got), got)
-			}
-			time.Sleep(20 * time.Millisecond)
+		if got := flatnetRoutes(t, n); len(got) != 4 {
+			t.Fatalf("%s has %d flatnet routes, want 4: %v", n.Name, len(got), got)
 		}
 	}
 }
@@ -280,13 +278,9 @@ func TestRouteDeletedByHandIsRestored(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The resync period is an hour: only the route event can bring it back.
-	deadline := time.Now().Add(10 * time.Second)
-	for flatnetRoutes(t, n1)[n2.Subnet.String()] != n2.UnderlayIP.String() {
-		if time.Now().After(deadline) {
-			t.Fatalf("route to %s not restored", n2.Subnet)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testutil.WaitFor(t, 10*time.Second, "the route to "+n2.Subnet.String()+" restored", func() bool {
+		return flatnetRoutes(t, n1)[n2.Subnet.String()] == n2.UnderlayIP.String()
+	})
 }
 
 func TestRemovedNodeIsPrunedWhenItsLeaseExpires(t *testing.T) {
@@ -296,17 +290,11 @@ func TestRemovedNodeIsPrunedWhenItsLeaseExpires(t *testing.T) {
 	if err := s.RemoveNode(gone); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
 	for _, n := range s.Nodes {
-		for {
-			if _, ok := flatnetRoutes(t, n)[subnet]; !ok {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s still routes %s of the removed node", n.Name, subnet)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		testutil.WaitFor(t, 30*time.Second, n.Name+" to stop routing "+subnet+" of the removed node", func() bool {
+			_, ok := flatnetRoutes(t, n)[subnet]
+			return !ok
+		})
 	}
 	mustCheck(t, s)
 }
@@ -334,17 +322,12 @@ func TestEtcdOutageLeavesTrafficAndAgentsRecover(t *testing.T) {
 
 func waitLeaseHeld(t *testing.T, s *lab.State, n *lab.Node, want bool, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		st, err := s.AgentStatus(context.Background(), n)
-		if err == nil && st.LeaseHeld == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: leaseHeld never became %v (%v)", n.Name, want, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	var err error
+	testutil.WaitFor(t, timeout, fmt.Sprintf("%s: leaseHeld %v", n.Name, want), func() bool {
+		st, e := s.AgentStatus(context.Background(), n)
+		err = e
+		return e == nil && st.LeaseHeld == want
+	}, func() string { return fmt.Sprintf("last status error: %v", err) })
 }
 
 func TestAgentRejectsBadConfig(t *testing.T) {
@@ -375,7 +358,7 @@ func TestAgentRejectsBadConfig(t *testing.T) {
 		}
 		cancel()
 		var ee *exec.ExitError
-		if !errorsAs(err, &ee) || ee.ExitCode() != 2 {
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 {
 			t.Errorf("%v: exit %v, want 2\n%s", args, err, out.String())
 		}
 		if !strings.Contains(out.String(), want) {
@@ -390,14 +373,6 @@ func writeFile(t *testing.T, content string) string {
 		t.Fatal(err)
 	}
 	return p
-}
-
-func errorsAs(err error, target **exec.ExitError) bool {
-	e, ok := err.(*exec.ExitError)
-	if ok {
-		*target = e
-	}
-	return ok
 }
 
 func TestAgentReinstallsWipedCNIFiles(t *testing.T) {
@@ -415,18 +390,14 @@ func TestAgentReinstallsWipedCNIFiles(t *testing.T) {
 	if err := os.Remove(conf); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		got, cerr := os.ReadFile(conf)
-		st, berr := os.Stat(bin)
-		if cerr == nil && berr == nil && string(got) == string(want) && st.Mode().Perm()&0o111 != 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("CNI files not reinstalled: conflist %v, binary %v", cerr, berr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	var cerr, berr error
+	testutil.WaitFor(t, 15*time.Second, "the CNI files reinstalled", func() bool {
+		var got []byte
+		var st os.FileInfo
+		got, cerr = os.ReadFile(conf)
+		st, berr = os.Stat(bin)
+		return cerr == nil && berr == nil && string(got) == string(want) && st.Mode().Perm()&0o111 != 0
+	}, func() string { return fmt.Sprintf("conflist %v, binary %v", cerr, berr) })
 	// And the reinstalled plugin works: a pod can be attached.
 	if _, err := s.AddPod(context.Background(), n, "n1-late"); err != nil {
 		t.Fatal(err)
@@ -444,17 +415,11 @@ func TestAgentRetriesUnreachableEtcd(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The agent keeps running and says why it is waiting, more than once.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		b, _ := os.ReadFile(n.Agent.Log)
-		if strings.Count(string(b), "etcd") > 0 && strings.Count(string(b), "retry") >= 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no repeated retry messages in the agent log:\n%s", b)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	var b []byte
+	testutil.WaitFor(t, 30*time.Second, "repeated retry messages in the agent log", func() bool {
+		b, _ = os.ReadFile(n.Agent.Log)
+		return strings.Count(string(b), "etcd") > 0 && strings.Count(string(b), "retry") >= 2
+	}, func() string { return string(b) })
 	st, err := s.AgentStatus(context.Background(), n)
 	if err != nil || st.Ready {
 		t.Fatalf("agent should be up but not ready while etcd is down: %+v %v", st, err)

@@ -134,14 +134,8 @@ func TestNodePathsAndFilesNeverTouchTheHost(t *testing.T) {
 	if err := mountns.Delete(pin); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if _, err := os.Stat(pin); os.IsNotExist(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s still there", pin)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testutil.WaitFor(t, 5*time.Second, pin+" to go", func() bool {
+		_, err := os.Stat(pin)
+		return os.IsNotExist(err)
+	})
 }

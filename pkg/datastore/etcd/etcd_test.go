@@ -94,17 +94,6 @@ func node(name string, ip string) datastore.NodeInfo {
 	return datastore.NodeInfo{Name: name, UnderlayIP: netip.MustParseAddr(ip), Backend: "host-gw"}
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond) // polling an observable condition
-	}
-}
-
 // recvUntil reads snapshots until one satisfies ok.
 func recvUntil(t *testing.T, ch <-chan []datastore.Lease, d time.Duration, what string, ok func([]datastore.Lease) bool) []datastore.Lease {
 	t.Helper()
@@ -325,7 +314,7 @@ func TestExhaustion(t *testing.T) {
 		l, err := s5.Register(ctx, node("n5", "192.0.2.5"))
 		done <- result{l, err}
 	}()
-	waitFor(t, 10*time.Second, "n5 retrying again", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "n5 retrying again", func() bool {
 		return e.logs.Count(slog.LevelWarn, "cannot claim a pod subnet yet", "n5") > warned
 	})
 	// n2 leaves for good: its agent stops and an operator revokes its lease.
@@ -496,7 +485,7 @@ func TestEtcdRestart(t *testing.T) {
 	if err := e.srv.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "LeaseHeld false while etcd is down", func() bool { return !a.LeaseHeld() })
+	testutil.WaitFor(t, 10*time.Second, "LeaseHeld false while etcd is down", func() bool { return !a.LeaseHeld() })
 	select {
 	case s := <-ch:
 		t.Fatalf("watch sent %v while etcd was down", s)
@@ -504,7 +493,7 @@ func TestEtcdRestart(t *testing.T) {
 	}
 
 	e.start(clientURL, peerURL)
-	waitFor(t, 20*time.Second, "LeaseHeld true after etcd returned", a.LeaseHeld)
+	testutil.WaitFor(t, 20*time.Second, "LeaseHeld true after etcd returned", a.LeaseHeld)
 
 	// The watcher delivers changes again.
 	lb := e.registerOK(ctx, e.store(nil), node("b", "192.0.2.2"))
@@ -579,7 +568,7 @@ func TestWatchIgnoresMalformedKeysAndClosesOnCancel(t *testing.T) {
 		t.Errorf("%d malformed-key warnings, want 4", n)
 	}
 	wcancel()
-	waitFor(t, 10*time.Second, "watch channel closed", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "watch channel closed", func() bool {
 		select {
 		case _, open := <-ch:
 			return !open
@@ -618,14 +607,14 @@ func TestLostLeaseIsReestablished(t *testing.T) {
 	if _, err := raw.Revoke(ctx, old); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the key back on a new lease", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "the key back on a new lease", func() bool {
 		resp, err := raw.Get(ctx, key)
 		return err == nil && len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) != old &&
 			strings.Contains(string(resp.Kvs[0].Value), `"node":"a"`)
 	})
-	waitFor(t, 10*time.Second, "LeaseHeld", s.LeaseHeld)
+	testutil.WaitFor(t, 10*time.Second, "LeaseHeld", s.LeaseHeld)
 	// The key is back before the log line is written.
-	waitFor(t, 10*time.Second, "a log about re-establishing the lease", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "a log about re-establishing the lease", func() bool {
 		return e.logs.Count(slog.LevelInfo, "subnet lease re-established", "node=a") > 0
 	})
 }
@@ -647,7 +636,7 @@ func TestLostSubnetTakenByAnotherNodeIsLeftAlone(t *testing.T) {
 	if _, err := raw.Revoke(ctx, old); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "an error naming the new holder", func() bool {
+	testutil.WaitFor(t, 10*time.Second, "an error naming the new holder", func() bool {
 		return e.logs.Count(slog.LevelError, "another node now holds this node's subnet", "holder=b") > 0
 	})
 	if s.LeaseHeld() {

@@ -98,14 +98,9 @@ func waitPodCIDR(t *testing.T, name string) netip.Prefix {
 
 func waitFor(t *testing.T, timeout time.Duration, what string, ok func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting until %s\nkube-controller-manager log:\n%s",
-				timeout, what, cluster.LogTail(kubecluster.ControllerManager, 10))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testutil.WaitFor(t, timeout, what, ok, func() string {
+		return "kube-controller-manager log:\n" + cluster.LogTail(kubecluster.ControllerManager, 10)
+	})
 }
 
 // patchAsPeer publishes a peer's annotations the way its agent would.
